@@ -1,0 +1,314 @@
+"""The run configuration: one dataclass tree, filled from defaults < YAML < command-line flags.
+
+Each field is documented once, here; the CLI's help text and flags are generated from these
+fields (litgpt/torchtune style), so help, YAML keys and validation cannot drift apart. Every
+leaf field has one flag, unique across the tree (`--lora-r`, `--n-test`, ...), and one YAML key
+(`method.lora_r`, `data.n_test`, ...). Unknown keys are an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.errors import PeftlabError
+
+TRUNCATION_SIDES = ("head", "tail", "head+tail")
+PROMPT_INITS = ("random", "text", "labels", "vocab")
+LOSSES = ("lm", "classes")
+SCHEDULERS = ("linear", "cosine", "constant")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def opt(default: Any, help: str, flag: str | None = None, factory: Any = None):
+    """A documented config field; `flag` overrides the flag derived from the field name."""
+    metadata = {"help": help, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2", "base model: 'smollm2' (embedded SmolLM2-135M-Instruct), a hub id, "
+                    "a local folder, or a .gguf file", flag="--model")
+    dtype: str = opt("auto", "compute precision of the frozen base: auto|bf16|fp16|fp32 "
+                     "(auto = bf16 where the GPU or CPU computes it fast, else fp32)")
+    device: str = opt("auto", "auto|cpu|cuda|cuda:N")
+    trust_remote_code: bool = opt(False, "allow code shipped with a hub model to run (off: it is a security risk)")
+    revision: str | None = opt(None, "hub revision (branch, tag or commit) of the model")
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("imdb", "training/test data: an aclImdb folder or .tar.gz, a CSV/TSV/JSONL/Parquet "
+                      "file, a hub data set name, or 'imdb' ($PEFTLAB_IMDB if set, else the hub's "
+                      "stanfordnlp/imdb)", flag="--data")
+    test_source: str | None = opt(None, "separate test file for table data (default: a seeded held-out "
+                                  "share of --data, see test_fraction)", flag="--test-data")
+    text_column: str = opt("text", "column holding the text (table and hub data)")
+    label_column: str = opt("label", "column holding the label (table and hub data)")
+    id_column: str | None = opt(None, "column holding a stable example id (default: file name and row number)")
+    label_map: dict | None = opt(None, "map from raw label values to class names, e.g. {0: negative, 1: positive}")
+    n_train: int = opt(500, "training examples: a balanced, seeded sample (N=50 gives 25 per class)")
+    n_test: int | None = opt(2000, "test examples: a balanced, seeded subset, or 'all' for the whole split")
+    data_seed: int = opt(0, "seed that picks the training sample and test subset (kept apart from --seed)")
+    test_fraction: float = opt(0.2, "share of a single table file held out as the test split")
+
+    def __post_init__(self):
+        _positive("data.n_train", self.n_train, allow_zero=True)
+        if self.n_test is not None:
+            _positive("data.n_test", self.n_test)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise PeftlabError(f"data.test_fraction={self.test_fraction} must be between 0 and 1 (exclusive)")
+
+
+@dataclass
+class PromptConfig:
+    template: str = opt("alpaca", "prompt template: alpaca (Stanford Alpaca 'with input'), chat (the "
+                        "tokenizer's own chat template), plain, or a custom string holding {instruction} "
+                        "and {input}")
+    instruction: str | None = opt(None, "the task instruction; {choices} is replaced by the label words "
+                                  "(default: a sentiment instruction for IMDB, a generic one otherwise)")
+    label_words: dict | None = opt(None, "map from class name to the word the model answers with "
+                                   "(default: the class name; IMDB: positive/negative)")
+    max_input_tokens: int = opt(256, "token budget of the input text; the instruction and response "
+                                "marker are never cut")
+    truncation: str = opt("head+tail", "which part of a long input to keep: head|tail|head+tail")
+
+    def __post_init__(self):
+        _positive("prompt.max_input_tokens", self.max_input_tokens)
+        _choice("prompt.truncation", self.truncation, TRUNCATION_SIDES)
+
+
+@dataclass
+class MethodConfig:
+    method: str = opt("lora", "peft method: lora, prompt-tuning, or any other peft method name "
+                      "(ia3, loha, lokr, prefix-tuning, p-tuning, ...) configured through peft_options")
+    lora_r: int = opt(8, "LoRA rank r")
+    lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha/r)")
+    lora_dropout: float = opt(0.1, "LoRA dropout d on the adapter input")
+    lora_target_modules: list | None = opt(None, "modules LoRA adapts (default: peft's choice for the "
+                                           "architecture, q_proj and v_proj for LLaMA)")
+    virtual_tokens: int = opt(20, "prompt tuning: number of virtual tokens V")
+    prompt_init: str = opt("text", "prompt tuning initialisation: random|text|labels|vocab (text: the "
+                           "embeddings of prompt_init_text, repeated to fill V)")
+    prompt_init_text: str | None = opt(None, "text for prompt_init=text (default: the task instruction)")
+    peft_options: dict = opt(None, "extra keyword arguments for the peft config class", factory=dict)
+
+    def __post_init__(self):
+        self.method = self.method.lower().replace("_", "-")
+        _positive("method.lora_r", self.lora_r)
+        _positive("method.lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PeftlabError(f"method.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        _positive("method.virtual_tokens", self.virtual_tokens)
+        _choice("method.prompt_init", self.prompt_init, PROMPT_INITS)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(2, "training epochs; the model is evaluated after each and the best epoch reported")
+    lr: float | None = opt(None, "peak learning rate (default: 5e-4 for LoRA, 3e-2 for prompt learning)")
+    batch_size: int = opt(8, "examples per optimiser micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimiser step")
+    warmup_ratio: float = opt(0.1, "share of the steps spent warming the learning rate up linearly")
+    scheduler: str = opt("linear", "learning-rate decay after warm-up: linear|cosine|constant")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    loss: str = opt("lm", "lm: cross entropy of the gold label word over the whole vocabulary; classes: "
+                    "cross entropy over the label words only")
+    seed: int = opt(0, "seed of initialisation, dropout and batch order (kept apart from --data-seed)")
+
+    def __post_init__(self):
+        _positive("train.epochs", self.epochs)
+        if self.lr is not None and not 0.0 < self.lr <= 10.0:
+            raise PeftlabError(f"train.lr={self.lr} is out of range: give a learning rate in (0, 10]")
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise PeftlabError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        _choice("train.scheduler", self.scheduler, SCHEDULERS)
+        _choice("train.loss", self.loss, LOSSES)
+
+
+@dataclass
+class EvalConfig:
+    eval_batch_size: int = opt(16, "examples per scoring batch (batches are grouped by length)")
+    max_batch_tokens: int = opt(8192, "token budget of one scoring batch, padding included")
+
+    def __post_init__(self):
+        _positive("eval.eval_batch_size", self.eval_batch_size)
+        _positive("eval.max_batch_tokens", self.max_batch_tokens)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter: str | None = opt(None, "a saved adapter folder to evaluate or predict with")
+    out: str | None = opt(None, "output folder of the run (default: runs/<command>-<time>)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The sections of the tree, in the pipeline's order; their names are the YAML top-level keys.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "method": MethodConfig,
+            "train": TrainConfig, "eval": EvalConfig}
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One settable config value: its dotted YAML key, its flag, its type and help."""
+
+    key: str
+    flag: str
+    type: Any
+    help: str
+    default: Any
+
+
+def leaves() -> list[Leaf]:
+    """Every settable field of the tree, in declaration order."""
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        section = SECTIONS.get(f.name)
+        fields = dataclasses.fields(section) if section else [f]
+        hints = typing.get_type_hints(section or RunConfig)
+        for g in fields:
+            if section is None and g.name in SECTIONS:
+                continue
+            default = g.default if g.default is not dataclasses.MISSING else g.default_factory()
+            flag = g.metadata.get("flag") or "--" + g.name.replace("_", "-")
+            out.append(Leaf(f"{f.name}.{g.name}" if section else g.name, flag, hints[g.name],
+                            g.metadata.get("help", ""), default))
+    return out
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise PeftlabError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(key, value, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise PeftlabError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or say why it cannot be."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "all", "")):
+            return None
+        return coerce(key, value, args[0])
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise PeftlabError(f"{key}: cannot parse {value!r}: {exc}") from None
+    base = origin or tp
+    if base in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif base is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif base is dict:
+        if isinstance(value, dict):
+            return value
+    raise PeftlabError(f"{key}: {value!r} is not a valid {getattr(base, '__name__', base)}; "
+                       f"see `peftlab train --help` for the expected value")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file (safely: no Python object tags) into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"config file {path} does not exist: check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PeftlabError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PeftlabError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def flatten(nested: dict, source: str) -> dict[str, Any]:
+    """Turn {'data': {'n_train': 50}} into {'data.n_train': 50}, rejecting unknown keys."""
+    known = {leaf.key for leaf in leaves()}
+    flat = {}
+    for key, value in nested.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise PeftlabError(f"{source}: section '{key}' must be a mapping")
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in known:
+            raise PeftlabError(f"{source}: unknown key '{key}'. Known keys: {', '.join(sorted(known))}")
+    return flat
+
+
+def build_config(*layers: dict[str, Any]) -> RunConfig:
+    """Merge flat {dotted key: value} layers over the defaults (later wins) into a validated RunConfig."""
+    by_key = {leaf.key: leaf for leaf in leaves()}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in by_key:
+                raise PeftlabError(f"unknown config key '{key}'")
+            values[key] = coerce(key, value, by_key[key].type)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        kwargs = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")}
+        sections[name] = cls(**kwargs)
+    top = {k: v for k, v in values.items() if "." not in k}
+    return RunConfig(**sections, **top)
+
+
+def config_from_dict(nested: dict) -> RunConfig:
+    """Rebuild a RunConfig from its `to_dict()` form (a run record) or a YAML mapping."""
+    return build_config(flatten(nested, "config"))
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)

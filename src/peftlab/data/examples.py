@@ -1,0 +1,51 @@
+"""The unit of data: an example with a stable id, its text and its class name."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from peftlab.errors import PeftlabError
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str      # traceable back to the source, e.g. "test/pos/123_9" for IMDB
+    text: str
+    label: str   # class name, e.g. "positive"
+
+
+@dataclass
+class LabelledSplits:
+    """A data set's train and test splits and its ordered class names."""
+
+    train: list[Example]
+    test: list[Example]
+    classes: list[str]
+    name: str = "data"
+    is_imdb: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for split_name in ("train", "test"):
+            check_examples(getattr(self, split_name), self.classes, f"{self.name} {split_name} split")
+
+
+def check_examples(examples: list[Example], classes: list[str], where: str) -> None:
+    """Refuse duplicated ids, empty texts and labels outside the class list, naming the first offender."""
+    seen: set[str] = set()
+    known = set(classes)
+    for ex in examples:
+        if ex.id in seen:
+            raise PeftlabError(f"{where}: example id {ex.id!r} occurs twice; ids must be unique "
+                               "(set data.id_column to a unique column, or leave it unset)")
+        seen.add(ex.id)
+        if ex.label not in known:
+            raise PeftlabError(f"{where}: example {ex.id!r} has label {ex.label!r}, which is not one of "
+                               f"the classes {classes}; fix the row or add it to data.label_map")
+        if not ex.text.strip():
+            raise PeftlabError(f"{where}: example {ex.id!r} has an empty text; remove the row")
+
+
+def class_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(ex.label for ex in examples).items()))

