@@ -24,6 +24,9 @@ PROMPT_INITS = ("random", "text", "labels", "vocab")
 LOSSES = ("lm", "classes")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+PROMPT_LEARNING_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def opt(default: Any, help: str, flag: str | None = None, factory: Any = None):
@@ -43,9 +46,12 @@ class ModelConfig:
     device: str = opt("auto", "auto|cpu|cuda|cuda:N")
     trust_remote_code: bool = opt(False, "allow code shipped with a hub model to run (off: it is a security risk)")
     revision: str | None = opt(None, "hub revision (branch, tag or commit) of the model")
+    quantization: str = opt("none", "load the frozen base quantised with bitsandbytes (QLoRA): none|8bit|4bit "
+                            "(4bit: NF4, double quantisation, bf16 compute; needs a CUDA GPU)")
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.quantization", self.quantization, QUANTIZATIONS)
 
 
 @dataclass
@@ -59,13 +65,15 @@ class DataConfig:
     label_column: str = opt("label", "column holding the label (table and hub data)")
     id_column: str | None = opt(None, "column holding a stable example id (default: file name and row number)")
     label_map: dict | None = opt(None, "map from raw label values to class names, e.g. {0: negative, 1: positive}")
-    n_train: int = opt(500, "training examples: a balanced, seeded sample (N=50 gives 25 per class)")
+    n_train: int | None = opt(500, "training examples: a balanced, seeded sample (N=50 gives 25 per class), "
+                              "0 for none (zero-shot), or 'all' for the whole training split")
     n_test: int | None = opt(2000, "test examples: a balanced, seeded subset, or 'all' for the whole split")
     data_seed: int = opt(0, "seed that picks the training sample and test subset (kept apart from --seed)")
     test_fraction: float = opt(0.2, "share of a single table file held out as the test split")
 
     def __post_init__(self):
-        _positive("data.n_train", self.n_train, allow_zero=True)
+        if self.n_train is not None:
+            _positive("data.n_train", self.n_train, allow_zero=True)
         if self.n_test is not None:
             _positive("data.n_test", self.n_test)
         if not 0.0 < self.test_fraction < 1.0:
@@ -118,19 +126,31 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     epochs: int = opt(2, "training epochs; the model is evaluated after each and the best epoch reported")
-    lr: float | None = opt(None, "peak learning rate (default: 5e-4 for LoRA, 3e-2 for prompt learning)")
+    lr: float | None = opt(None, "peak learning rate (default: 5e-4 for LoRA, 3e-2 for prompt learning, "
+                           "1e-3 for other methods)")
     batch_size: int = opt(8, "examples per optimiser micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     warmup_ratio: float = opt(0.1, "share of the steps spent warming the learning rate up linearly")
     scheduler: str = opt("linear", "learning-rate decay after warm-up: linear|cosine|constant")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
-    loss: str = opt("lm", "lm: cross entropy of the gold label word over the whole vocabulary; classes: "
-                    "cross entropy over the label words only")
+    loss: str | None = opt(None, "lm: cross entropy of the gold label word over the whole vocabulary; "
+                           "classes: cross entropy over the label words only (default: lm for LoRA and other "
+                           "weight adapters, classes for prompt learning)")
     seed: int = opt(0, "seed of initialisation, dropout and batch order (kept apart from --data-seed)")
+    gradient_checkpointing: bool = opt(False, "recompute each layer's activations in the backward pass instead "
+                                       "of keeping them: less memory (see `peftlab plan`), ~30% slower")
+    strategy: str = opt("auto", "with several processes (accelerate launch, torchrun): ddp (each process holds "
+                        "the whole model) or fsdp (the frozen base sharded across processes); auto: fsdp "
+                        "when accelerate's config says distributed_type: FSDP, else ddp")
+    checkpoint_every: int = opt(50, "save a checkpoint to <out>/checkpoint every this many optimiser steps "
+                                "(0: only at epoch ends; a checkpoint is always saved after each epoch)")
+    resume: bool = opt(False, "continue the killed run in --out from its checkpoint (same config needed); "
+                       "a finished run is returned as it is")
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
+        _positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
         if self.lr is not None and not 0.0 < self.lr <= 10.0:
             raise PeftlabError(f"train.lr={self.lr} is out of range: give a learning rate in (0, 10]")
         _positive("train.batch_size", self.batch_size)
@@ -138,7 +158,9 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise PeftlabError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _choice("train.scheduler", self.scheduler, SCHEDULERS)
-        _choice("train.loss", self.loss, LOSSES)
+        if self.loss is not None:
+            _choice("train.loss", self.loss, LOSSES)
+        _choice("train.strategy", self.strategy, STRATEGIES)
 
 
 @dataclass
@@ -161,6 +183,18 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter: str | None = opt(None, "a saved adapter folder to evaluate or predict with")
     out: str | None = opt(None, "output folder of the run (default: runs/<command>-<time>)")
+
+    def __post_init__(self):
+        # Method-dependent defaults, resolved here so that the saved config shows what ran.
+        prompt_learning = self.method.method in PROMPT_LEARNING_METHODS
+        if self.train.loss is None:
+            # Measured on SmolLM2 (README, "Prompt tuning"): with the full-vocabulary loss prompt tuning
+            # first learns to say a label word at all and stalls near ln 2; the label-word loss learns.
+            self.train.loss = "classes" if prompt_learning else "lm"
+        if self.train.lr is None:
+            # LoRA: the study's 5e-4. Prompt learning needs much larger steps (Lester et al. 2021 used 0.3;
+            # 3e-2 learned best on SmolLM2, 3e-1 collapsed to one class).
+            self.train.lr = 3e-2 if prompt_learning else 5e-4 if self.method.method == "lora" else 1e-3
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -84,3 +84,12 @@ def test_every_shipped_yaml_config_is_valid():
         if grid:
             for key in grid:
                 assert key in {leaf.key for leaf in leaves()}, f"{path}: grid key {key} unknown"
+
+
+def test_method_dependent_defaults_are_resolved_into_the_config():
+    lora = build_config({"method.method": "lora"})
+    assert (lora.train.lr, lora.train.loss) == (5e-4, "lm")
+    pt = build_config({"method.method": "prompt-tuning"})
+    assert (pt.train.lr, pt.train.loss) == (3e-2, "classes")
+    explicit = build_config({"method.method": "prompt-tuning", "train.lr": "0.1", "train.loss": "lm"})
+    assert (explicit.train.lr, explicit.train.loss) == (0.1, "lm")

@@ -98,3 +98,28 @@ def test_score_examples_counts_tokens(tiny):
     result = score_examples(model, rows, 2, tok.pad_token_id, 0, 4, 10_000, False)
     assert result.scores.shape == (6, 2) and result.tokens == sum(len(row.seq) for r in rows for row in r)
     assert result.tokens >= sum(len(e.prompt_ids) for e in encoded)
+
+
+@pytest.mark.parametrize("method", [None, MethodConfig(method="lora", lora_dropout=0.0)], ids=["zero-shot", "lora"])
+def test_shared_prefix_cache_gives_the_same_scores(tiny, method):
+    from peftlab.evaluate.scoring import shared_prefix
+
+    model, tok = tiny
+    model = with_method(model, method)
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64), CLASSES, True)
+    rows = build_rows(enc.encode(examples(), tok), enc.label_ids)
+    prefix = shared_prefix(model, rows, 0)
+    assert prefix is not None and prefix.length == len(enc.prefix_ids)  # the whole instruction part
+    shared = score_examples(model, rows, 2, tok.pad_token_id, 0, 4, 10_000, False, share_prefix=True)
+    plain = score_examples(model, rows, 2, tok.pad_token_id, 0, 4, 10_000, False, share_prefix=False)
+    torch.testing.assert_close(shared.scores, plain.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_no_shared_prefix_for_prompt_tuning(tiny):
+    from peftlab.evaluate.scoring import shared_prefix
+
+    model, tok = tiny
+    model = with_method(model, MethodConfig(method="prompt-tuning", virtual_tokens=4, prompt_init="vocab"))
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64), CLASSES, True)
+    rows = build_rows(enc.encode(examples(), tok), enc.label_ids)
+    assert shared_prefix(model, rows, position_offset(model)) is None
