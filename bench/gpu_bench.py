@@ -151,24 +151,26 @@ def bench_trainer_peer(model, examples, batch_size: int, steps: int) -> dict:
             "peak_gpu_gb": peak_gb()}
 
 
-def bench_eval(model, examples, batch_size: int) -> dict:
+def bench_eval(model, examples, batch_size: int, max_tokens: int) -> dict:
     rows = build_rows(examples, LABEL_IDS)
-    score_examples(model, rows[:batch_size], 2, 0, 0, batch_size, 10**9, progress=False)  # warm-up
+    score_examples(model, rows[:batch_size], 2, 0, 0, batch_size, max_tokens, progress=False)  # warm-up
     sync()
     reset_peak()
-    result = score_examples(model, rows, 2, 0, 0, batch_size, 10**9, progress=False)
+    result = score_examples(model, rows, 2, 0, 0, batch_size, max_tokens, progress=False)
     sync()
     return {"tokens": result.tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s,
             "peak_gpu_gb": peak_gb()}
 
 
-def planner_prediction(shape: str, batch_size: int, seq_len: int) -> dict | None:
+def planner_prediction(shape: str, batch_size: int, seq_len: int, eval_batch_size: int,
+                       max_batch_tokens: int) -> dict | None:
     try:
         from peftlab.models import planner
     except ImportError:
         return None
     try:
-        return planner.plan_from_shape(SHAPES[shape], method="lora", batch_size=batch_size, seq_len=seq_len)
+        return planner.plan_from_shape(SHAPES[shape], method="lora", batch_size=batch_size, seq_len=seq_len,
+                                       eval_batch_size=eval_batch_size, max_batch_tokens=max_batch_tokens)
     except Exception as exc:  # the planner is optional here; report why it could not answer
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=24)
     parser.add_argument("--eval-examples", type=int, default=512)
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-tokens", type=int, default=65536)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -190,7 +194,7 @@ def main() -> None:
     report["parameters_without_embeddings"] = n
     report["init_s"] = time.perf_counter() - t0
     examples = synthetic_examples(max(args.batch_size * args.train_steps, args.eval_examples), args.max_len, 0)
-    report["eval"] = bench_eval(model, examples[: args.eval_examples], 2 * args.batch_size)
+    report["eval"] = bench_eval(model, examples[: args.eval_examples], args.eval_batch_size, args.max_batch_tokens)
     report["eval"]["mfu"] = 2 * n * report["eval"]["tokens_per_s"] / H100_BF16_DENSE
     print(json.dumps(report["eval"]), flush=True)
     report["peftlab_train"] = bench_peftlab_train(model, examples, args.batch_size, args.train_steps)
@@ -201,7 +205,8 @@ def main() -> None:
     report["trainer_peer"]["mfu"] = 4 * n * report["trainer_peer"]["tokens_per_s"] / H100_BF16_DENSE
     print(json.dumps(report["trainer_peer"]), flush=True)
     report["train_speedup_vs_trainer"] = report["peftlab_train"]["tokens_per_s"] / report["trainer_peer"]["tokens_per_s"]
-    report["planner"] = planner_prediction(args.shape, args.batch_size, args.max_len + 60)
+    report["planner"] = planner_prediction(args.shape, args.batch_size, args.max_len + 60, args.eval_batch_size,
+                                           args.max_batch_tokens)
     report["total_s"] = time.perf_counter() - t0
     text = json.dumps(report, indent=2)
     print(text)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
@@ -21,14 +23,24 @@ COMMANDS = {
     "eval": "zero-shot evaluation of a model (or of --adapter) on the test subset",
     "train": "train an adapter (LoRA, prompt tuning, ...) and evaluate it after each epoch",
     "predict": "classify texts given as arguments, with --file, or on stdin",
+    "plan": "expected peak memory per device of a train/eval run and whether it fits, from the model's "
+            "config alone (no weights are read)",
 }
+EXPERIMENT_COMMANDS = {
+    "sweep": "run a grid of cells from a sweep YAML into a results store (finished cells are skipped)",
+    "report": "write tables (markdown, CSV), plots (PNG) and an HTML page from a results store",
+}
+DEFAULT_STORE = "runs/sweeps/results.sqlite"
+RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether the sample, metrics and "
+              "adapter came out the same")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, config_file: bool = True) -> None:
     """One flag per config field; values stay strings here and are typed by the dataclasses."""
     from peftlab.config import leaves
 
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (flags given here override it)")
+    if config_file:
+        parser.add_argument("--config", metavar="FILE", help="YAML config file (flags given here override it)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for leaf in leaves():
         section = leaf.key.split(".")[0] if "." in leaf.key else "run"
@@ -41,9 +53,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other peftlab error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"peftlab: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of causal "
-                                     "language models for text classification.")
+    parser = Parser(prog="peftlab", description="Parameter-efficient fine-tuning of causal "
+                    "language models for text classification.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -51,7 +70,81 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else stdin)")
             p.add_argument("--file", help="a text file (one text per line), .jsonl or .csv with a 'text' column")
+        if name == "plan":
+            add_plan_flags(p)
+    add_experiment_parsers(sub)
+    p = sub.add_parser("rerun", help=RERUN_HELP, description=RERUN_HELP)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a train or eval run")
+    p.add_argument("--out", help="folder of the new run [default: RUN_DIR-rerun-<n>]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """`peftlab plan`'s own flags; the model, method, batch size, quantisation etc. are the run's config flags."""
+    g = p.add_argument_group("plan options")
+    g.add_argument("--seq-len", type=int, help="tokens per example (default: --max-input-tokens + 64 for the template)")
+    g.add_argument("--devices", type=int, default=1, help="processes/GPUs the run is spread over [default: 1]; "
+                   "with --strategy fsdp the frozen base is sharded across them")
+    g.add_argument("--device-memory", type=float, metavar="GIB", help="memory of one device in GiB "
+                   "(default: the first GPU's, else the host's RAM)")
+
+
+def add_experiment_parsers(sub) -> None:
+    p = sub.add_parser("sweep", help=EXPERIMENT_COMMANDS["sweep"], description=EXPERIMENT_COMMANDS["sweep"] +
+                       ". Flags override the sweep's base config for every cell; a flag naming a grid key "
+                       "runs only that value of it.")
+    p.add_argument("sweep_config", metavar="CONFIG.yaml", help="sweep YAML: a run config plus grid: {key: [values]}")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"results store (SQLite) [default: {DEFAULT_STORE}]")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their estimated cost; run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them failed)")
+    add_config_flags(p, config_file=False)
+    p = sub.add_parser("report", help=EXPERIMENT_COMMANDS["report"], description=EXPERIMENT_COMMANDS["report"])
+    p.add_argument("store", metavar="STORE", help="results store written by `peftlab sweep`")
+    p.add_argument("--out", help="report folder [default: report/ beside the store]")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """`peftlab sweep` and `peftlab report`."""
+    if args.command == "report":
+        from peftlab.report import write_report
+
+        out = args.out or Path(args.store).expanduser().parent / "report"
+        paths = write_report(args.store, out, plots=not args.no_plots)
+        print(f"report: {paths['html']} (markdown {paths['markdown']}, CSV in {paths['tables']})")
+        return 0
+    from peftlab.experiments import ResultsStore, load_sweep, run_sweep
+
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "adapter"}
+    sweep = load_sweep(args.sweep_config, overrides, out=getattr(args, "out", None))
+    sweep.command = sweep_command(args.sweep_config, overrides, sweep.out, args.store)
+    if args.dry_run:
+        from peftlab.experiments.estimate import estimate_sweep, format_estimates
+
+        store = ResultsStore(args.store) if Path(args.store).expanduser().is_file() else None
+        try:
+            print(format_estimates(sweep, estimate_sweep(sweep, store), args.store))
+        finally:
+            if store is not None:
+                store.close()
+        return 0
+    with ResultsStore(args.store, writer=True) as store:
+        outcome = run_sweep(sweep, store, progress=False if args.quiet else None, retry_failed=args.retry_failed)
+    print(f"sweep {sweep.name}: {len(outcome.ran)} cells run, {len(outcome.skipped)} already done, "
+          f"{len(outcome.failed)} failed -> {args.store}; `peftlab report {args.store}` writes the tables")
+    return 1 if outcome.failed else 0
+
+
+def sweep_command(path: str, overrides: dict, out, store: str) -> str:
+    """The command line that reruns this sweep, kept in the store for the report."""
+    import shlex
+
+    from peftlab.config import leaves
+
+    flags = {leaf.key: leaf.flag for leaf in leaves()}
+    words = ["peftlab", "sweep", path] + [w for k, v in overrides.items() for w in (flags[k], str(v))]
+    return shlex.join(words + ["--out", str(out), "--store", store])
 
 
 def resolve_config(args: argparse.Namespace):
@@ -100,15 +193,26 @@ def read_texts(args: argparse.Namespace) -> list[str]:
         return [line.rstrip("\n") for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
                 if line.strip()]
     if sys.stdin is not None and not sys.stdin.isatty():
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        # Untrusted bytes: invalid UTF-8 becomes U+FFFD instead of a UnicodeDecodeError.
+        text = sys.stdin.buffer.read().decode("utf-8", "replace") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        return [line for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
     return []
 
 
 def run_command(args: argparse.Namespace) -> int:
     from peftlab import runs
 
+    if args.command in EXPERIMENT_COMMANDS:
+        return run_experiment_command(args)
+    if args.command == "rerun":
+        return rerun_command(args)
     config = resolve_config(args)
     progress = False if args.quiet else None
+    if args.command == "plan":
+        from peftlab.models.planner import plan_report
+
+        print(plan_report(config, args.seq_len, args.devices, args.device_memory))
+        return 0
     if args.command == "predict":
         texts = read_texts(args)
         from peftlab.records import read_adapter_record
@@ -118,11 +222,34 @@ def run_command(args: argparse.Namespace) -> int:
         for row in runs.predict(texts, config, classes=classes):
             print(json.dumps(row, ensure_ascii=False))
         return 0
-    if args.command == "eval":
-        metrics = runs.run_eval(config, progress=progress)
-    else:
-        metrics = runs.run_train(config, progress=progress)
+    from peftlab.distributed import leave_cluster
+
+    try:
+        if args.command == "eval":
+            metrics = runs.run_eval(config, progress=progress)
+        else:
+            metrics = runs.run_train(config, progress=progress)
+    finally:
+        leave_cluster()  # launched on several processes (accelerate launch, torchrun): end torch.distributed
+    if os.environ.get("RANK", "0") == "0":  # one summary line, from rank 0
+        print(summary_line(metrics))
+    return 0
+
+
+def rerun_command(args: argparse.Namespace) -> int:
+    from peftlab.repro import rerun
+
+    metrics, same = rerun(args.run_dir, args.out, progress=False if args.quiet else None)
     print(summary_line(metrics))
+    if not same["original_finished"]:
+        print(f"{args.run_dir} did not finish: nothing to compare with")
+        return 0
+    checks = {"training sample": same["same_train_sample"], "test sample": same["same_test_sample"],
+              "accuracy": same["same_accuracy"], "per-epoch metrics": same["same_per_epoch"],
+              "adapter sha256": same["same_adapter"]}
+    words = [f"{name} {'same' if ok else 'DIFFERENT'}" for name, ok in checks.items() if ok is not None]
+    versions = f" (versions changed: {', '.join(same['changed_versions'])})" if same["changed_versions"] else ""
+    print(f"compared with {args.run_dir}: {', '.join(words)}{versions}")
     return 0
 
 
@@ -141,10 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.disable_progress_bar()  # weight-loading bars: noise around peftlab's own
+    # peft asks transformers for a renamed property on every get_peft_model: noise, not the user's concern.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return run_command(args)
     except PeftlabError as exc:
-        print(f"peftlab: error: {exc}", file=sys.stderr)
+        print(f"peftlab: error: {' '.join(str(exc).split(chr(10)))}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("peftlab: interrupted; finished results are kept", file=sys.stderr)

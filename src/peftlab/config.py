@@ -9,6 +9,8 @@ leaf field has one flag, unique across the tree (`--lora-r`, `--n-test`, ...), a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,7 +241,7 @@ def _choice(key, value, choices):
 
 
 def _positive(key, value, allow_zero=False):
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value >= 0 if allow_zero else value > 0):  # written so that NaN fails too
         raise PeftlabError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
@@ -254,8 +256,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if isinstance(value, str) and tp is not str:
         try:
             value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise PeftlabError(f"{key}: cannot parse {value!r}: {exc}") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: dates like 2020-02-31
+            raise PeftlabError(f"{key}: cannot parse {value!r} ({yaml_problem(exc)})") from None
     base = origin or tp
     if base in (int, float) and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -271,7 +273,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                        and abs(value) < 2**1023):  # larger ints overflow a float
             return float(value)
     elif base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -279,13 +282,22 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     elif base is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple)) and _plain(value):
             return list(value)
     elif base is dict:
-        if isinstance(value, dict):
+        if isinstance(value, dict) and _plain(value):
             return value
     raise PeftlabError(f"{key}: {value!r} is not a valid {getattr(base, '__name__', base)}; "
                        f"see `peftlab train --help` for the expected value")
+
+
+def _plain(value) -> bool:
+    """False for self-referencing YAML (`&a [*a]`), which no run record could be written from."""
+    try:
+        json.dumps(value, default=str)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -295,13 +307,22 @@ def load_yaml(path: str | Path) -> dict:
         raise PeftlabError(f"config file {path} does not exist: check the path given to --config")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise PeftlabError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise PeftlabError(f"config file {path} is not valid YAML ({yaml_problem(exc)}); fix the file (peftlab "
+                           "reads plain YAML: no Python tags)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise PeftlabError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, then what (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
 
 
 def flatten(nested: dict, source: str) -> dict[str, Any]:
@@ -318,7 +339,9 @@ def flatten(nested: dict, source: str) -> dict[str, Any]:
             flat[key] = value
     for key in flat:
         if key not in known:
-            raise PeftlabError(f"{source}: unknown key '{key}'. Known keys: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise PeftlabError(f"{source}: unknown key '{key}'{hint}. Known keys: {', '.join(sorted(known))}")
     return flat
 
 

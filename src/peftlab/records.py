@@ -1,37 +1,70 @@
 """Run folders: everything a run writes, written atomically so a crash never leaves half a file.
 
-    <out>/config.yaml        the resolved config (rerun with `peftlab <command> --config <out>/config.yaml`)
+    <out>/config.yaml        the resolved config, written first (rerun with `peftlab rerun <out>`)
     <out>/metrics.json       metrics, per-epoch history, timings, versions, hardware, git commit
     <out>/predictions.jsonl  one line per example: id, label, pred, correct, scores
     <out>/adapter/           adapter_config.json + adapter_model.safetensors (plain peft) + peftlab.json
+    <out>/checkpoint/        while training: what --resume continues from (peftlab.train.checkpoint)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import DISK_FULL_ERRNOS, DiskFull, PeftlabError
 
 RECORD_FILE = "peftlab.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target.
+
+    A kill at any moment leaves the old file or the new one, never half of one; a full disk raises
+    DiskFull and leaves the old file as it was.
+    """
+    path = Path(path)
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fsync_dir(path.parent)  # the rename itself survives a power cut only once the folder is synced
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(f"disk full while writing {path}: free space on that disk or choose another "
+                           "--out; files written before are intact") from None
         raise
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some file systems do not open folders; the rename is still atomic there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, data) -> None:
@@ -59,7 +92,22 @@ def prepare_out_dir(out: str | Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PeftlabError(f"cannot create output folder {out}: {exc.strerror}; choose another --out") from None
+    remove_leftovers(out)
     return out
+
+
+# What a kill in the middle of atomic_write_bytes (mkstemp's 8 random characters) or save_adapter leaves.
+_LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$|^\.adapter-[a-z0-9_]{8}$")
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete the temporary files and folders a killed run left in its folder (never finished files)."""
+    for folder in (out, out / "adapter"):
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if _LEFTOVER.match(path.name) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif _LEFTOVER.match(path.name):
+                path.unlink(missing_ok=True)
 
 
 def read_adapter_record(adapter_dir: str | Path) -> dict | None:
@@ -71,3 +119,38 @@ def read_adapter_record(adapter_dir: str | Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise PeftlabError(f"{path} is not valid JSON ({exc.msg}); the adapter folder is damaged") from None
+
+
+# Characters kept in a file name made from untrusted text; everything else becomes "_".
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
+_MAX_NAME = 100
+
+
+def safe_name(text: str) -> str:
+    """One safe path component from untrusted text (an example id, a cell id).
+
+    No separators, no leading dot (so never "." or ".."), ASCII only, at most ~110 characters.
+    A name that had to be changed gets a hash of the original appended, so distinct texts keep
+    distinct names ("a/b" and "a_b" do not collide).
+    """
+    name = _NAME_CHARS.sub("_", str(text)).lstrip(".")[:_MAX_NAME] or "_"
+    if name != text:
+        name += "-" + hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return name
+
+
+def child_path(root: str | Path, name: str) -> Path:
+    """`root / safe_name(name)`, checked to lie inside `root` even through symlinks."""
+    root = Path(root)
+    path = root / safe_name(name)
+    if os.path.commonpath([root.resolve(), path.resolve()]) != str(root.resolve()):
+        raise PeftlabError(f"{path} is a link that leads out of {root}; remove it or choose another folder")
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

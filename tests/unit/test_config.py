@@ -71,7 +71,8 @@ def test_round_trip_through_the_record():
 
 
 def test_every_shipped_yaml_config_is_valid():
-    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    # configs/accelerate/ holds accelerate's launch configs, checked in tests/unit/test_distributed.py
+    files = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
     assert files, "configs/ ships no YAML"
     for path in files:
         data = load_yaml(path)

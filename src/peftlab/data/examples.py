@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from peftlab.errors import PeftlabError
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """U+FFFD for lone surrogates, which JSON escapes can carry but UTF-8 (and tokenizers) cannot."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,16 @@ class LabelledSplits:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if len(self.classes) < 2:
+            raise PeftlabError(f"{self.name}: the data holds only the class {self.classes}; classification needs "
+                               "at least two (check data.label_column and data.label_map)")
         for split_name in ("train", "test"):
             check_examples(getattr(self, split_name), self.classes, f"{self.name} {split_name} split")
+        train_ids = {ex.id for ex in self.train}
+        both = next((ex.id for ex in self.test if ex.id in train_ids), None)
+        if both is not None:
+            raise PeftlabError(f"{self.name}: example id {both!r} is in both the train and the test split; a test "
+                               "example must not be trained on (is --test-data the same file as --data?)")
 
 
 def check_examples(examples: list[Example], classes: list[str], where: str) -> None:
@@ -44,7 +61,7 @@ def check_examples(examples: list[Example], classes: list[str], where: str) -> N
             raise PeftlabError(f"{where}: example {ex.id!r} has label {ex.label!r}, which is not one of "
                                f"the classes {classes}; fix the row or add it to data.label_map")
         if not ex.text.strip():
-            raise PeftlabError(f"{where}: example {ex.id!r} has an empty text; remove the row")
+            raise PeftlabError(f"{where}: example {ex.id!r} has an empty text; remove it from the data")
 
 
 def class_counts(examples: list[Example]) -> dict[str, int]:

@@ -35,12 +35,15 @@ def min_class(examples: list[Example], classes: list[str]) -> int:
     return min(sum(1 for ex in examples if ex.label == label) for label in classes)
 
 
-def select_splits(splits: LabelledSplits, n_train: int, n_test: int | None, data_seed: int
+def select_splits(splits: LabelledSplits, n_train: int | None, n_test: int | None, data_seed: int
                   ) -> tuple[list[Example], list[Example]]:
-    """The training sample and test subset of one run (n_test=None: the whole test split)."""
+    """The training sample and test subset of one run (None: the whole split, in id order)."""
     if not splits.test:
         raise PeftlabError(f"{splits.name}: the test split is empty")
-    train = balanced_sample(splits.train, n_train, splits.classes, data_seed, "train") if n_train else []
+    if n_train is None:  # 'all' (the study's "maximize" run); the training loop shuffles by its seed
+        train = sorted(splits.train, key=lambda ex: ex.id)
+    else:
+        train = balanced_sample(splits.train, n_train, splits.classes, data_seed, "train") if n_train else []
     if n_test is None:
         test = sorted(splits.test, key=lambda ex: ex.id)
     else:

@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 from peftlab.config import DataConfig
-from peftlab.data.examples import Example, LabelledSplits
+from peftlab.data.examples import Example, LabelledSplits, replace_lone_surrogates
 from peftlab.errors import PeftlabError
 
 IMDB_HUB_ID = "stanfordnlp/imdb"
@@ -143,17 +143,23 @@ def read_table(path: Path, config: DataConfig) -> list[Example]:
         if column and column not in columns:
             raise PeftlabError(f"{path} has no column {column!r} (columns: {sorted(columns)}); "
                                "set data.text_column / data.label_column / data.id_column")
-    examples = []
+    examples, first_row = [], {}
     for i, row in enumerate(rows, start=1):
         text, raw = row.get(config.text_column), row.get(config.label_column)
         where = f"{path} row {i}"
         if not isinstance(text, str) or not text.strip():
             raise PeftlabError(f"{where} has no text in column {config.text_column!r}; remove or fix the row")
+        if raw is None and None in row.values() and path.suffix.lower() in (".csv", ".tsv"):
+            raise PeftlabError(f"{where} has fewer fields than the header (a quote left open swallows the rest "
+                               "of the file); fix the row")
         if raw is None or raw == "":
             raise PeftlabError(f"{where} has no label in column {config.label_column!r}; remove or fix the row")
-        label = map_label(raw, config.label_map, where)
+        label = replace_lone_surrogates(map_label(raw, config.label_map, where))
         ex_id = str(row[config.id_column]) if config.id_column else f"{path.name}:{i}"
-        examples.append(Example(id=ex_id, text=text, label=label))
+        if first_row.setdefault(ex_id, i) != i:
+            raise PeftlabError(f"{where}: id {ex_id!r} occurs twice (first in row {first_row[ex_id]}); ids must be "
+                               f"unique: fix the column {config.id_column!r} or leave data.id_column unset")
+        examples.append(Example(id=replace_lone_surrogates(ex_id), text=replace_lone_surrogates(text), label=label))
     return examples
 
 
@@ -161,11 +167,13 @@ def read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as fh:
+            # utf-8-sig: spreadsheet exports start with a byte-order mark, which is not part of the first column's name
+            csv.field_size_limit(2**31 - 1)  # the default 128 KiB refuses long reviews, which are only truncated later
+            with open(path, newline="", encoding="utf-8-sig") as fh:
                 return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix == ".jsonl":
             rows = []
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8-sig") as fh:
                 for i, line in enumerate(fh, start=1):
                     if line.strip():
                         try:
@@ -176,7 +184,7 @@ def read_rows(path: Path) -> list[dict]:
                             raise PeftlabError(f"{path} line {i} is not a JSON object; each line must be one record")
             return rows
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise PeftlabError(f"{path} must hold a JSON list of records (or use .jsonl)")
             return data

@@ -109,7 +109,8 @@ def shared_prefix(model, rows: list[list[Row]], offset: int, min_length: int = 8
     device = next(model.parameters()).device
     with adapter_autocast(model, device):
         out = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1)
-    return SharedPrefix(length, [(layer.keys, layer.values) for layer in out.past_key_values.layers])
+    cache = out.get("cache") or out.get("past_key_values")  # renamed to `cache` in transformers 5.24
+    return SharedPrefix(length, [(layer.keys, layer.values) for layer in cache.layers])
 
 
 def cache_argument(model) -> str:
@@ -132,7 +133,18 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
         attention_mask[r, : len(row.seq)] = 1
     keep = sorted({p for _, row in flat for p in row.positions})
     where = {p: k for k, p in enumerate(keep)}
-    keep_t = torch.tensor(keep, device=device) + offset - skip
+    r_idx, k_idx, t_idx, b_idx, c_idx, seg = [], [], [], [], [], []
+    for r, (b, row) in enumerate(flat):
+        for c, targets in zip(row.classes, row.targets):
+            for p, t in zip(row.positions, targets):
+                r_idx.append(r), k_idx.append(where[p]), t_idx.append(t), seg.append(len(b_idx))
+            b_idx.append(b), c_idx.append(c)
+    # One host-to-device copy of everything the batch needs, from pinned memory and asynchronous:
+    # a copy from pageable memory waits for the GPU to drain, which serialised the CPU's kernel
+    # launches with the GPU's work at every step (peftlab trained at 0.67x the Trainer peer on an H100).
+    ints = to_device(torch.tensor(keep + r_idx + k_idx + t_idx + seg + b_idx + c_idx), device)
+    keep_t, r_t, k_t, t_t, seg_t, b_t, c_t = torch.split(
+        ints, [len(keep), len(r_idx), len(k_idx), len(t_idx), len(seg), len(b_idx), len(c_idx)])
     extra = {}
     if prefix:
         from transformers import DynamicCache
@@ -143,19 +155,19 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
                  "position_ids": torch.arange(skip, skip + width, device=device).expand(n, -1)}
     # logits_to_keep: the LM head runs on the K read positions only, not on all B x T x vocab.
     with contiguous_lm_head(model), adapter_autocast(model, device):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       logits_to_keep=keep_t, use_cache=bool(prefix), **extra).logits  # (R, K, vocab)
-    r_idx, k_idx, t_idx, b_idx, c_idx, seg = [], [], [], [], [], []
-    for r, (b, row) in enumerate(flat):
-        for c, targets in zip(row.classes, row.targets):
-            for p, t in zip(row.positions, targets):
-                r_idx.append(r), k_idx.append(where[p]), t_idx.append(t), seg.append(len(b_idx))
-            b_idx.append(b), c_idx.append(c)
-    picked = logits[r_idx, k_idx].float()                                  # (P, vocab)
-    token_lp = torch.log_softmax(picked, dim=-1)[torch.arange(len(t_idx)), t_idx]  # (P,)
-    per_pair = torch.zeros(len(b_idx), device=device).index_add(0, torch.tensor(seg, device=device), token_lp)
+        logits = model(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
+                       logits_to_keep=keep_t + (offset - skip), use_cache=bool(prefix), **extra).logits  # (R, K, V)
+    picked = logits[r_t, k_t].float()                                                  # (P, vocab)
+    token_lp = torch.log_softmax(picked, dim=-1).gather(1, t_t[:, None])[:, 0]         # (P,)
+    per_pair = torch.zeros(len(b_idx), device=device).index_add(0, seg_t, token_lp)
     scores = torch.full((len(batch), n_classes), float("-inf"), device=device)
-    return scores.index_put((torch.tensor(b_idx, device=device), torch.tensor(c_idx, device=device)), per_pair)
+    return scores.index_put((b_t, c_t), per_pair)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def length_batches(lengths: list[int], max_examples: int, max_tokens: int) -> list[list[int]]:

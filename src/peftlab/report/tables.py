@@ -1,0 +1,252 @@
+"""Tables in the study's shape: rows N, columns V or d, cells "accuracy% (best epoch)".
+
+One table per sweep (and per combination of any further grid keys). Cells repeated over seeds
+show "mean ± std (k seeds)". The study's published numbers stand in columns beside ours where
+the sweep reproduces one of its tables.
+
+Significance marks: † after a value means its 95% interval overlaps that of the setting to its
+left, ‡ that of the setting above: the difference between the two is not supported by the data.
+A single run's interval is the Wilson interval over its test reviews; the mean of k seeds (scored
+on the same reviews) gets sqrt(w^2 + (t * sd / sqrt(k))^2), w the mean Wilson half-width. The
+study's single runs on 2000 reviews have intervals of about ±1 point, and get the same marks.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from peftlab.evaluate.metrics import wilson_interval
+from peftlab.experiments.grid import SweepSpec, format_value, short_name, table_axes
+from peftlab.experiments.store import ResultsStore, StoredCell, StoredSweep
+from peftlab.report.study import STUDY, StudyTable, guess_study_table, study_model_label
+
+# Two-sided 97.5% quantiles of Student's t for k - 1 = 1..9 degrees of freedom (then ~normal).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
+MARK_LEFT, MARK_UP = "†", "‡"
+LEGEND = (f"{MARK_LEFT}: the 95% interval overlaps the setting to the left; {MARK_UP}: it overlaps the setting "
+          "above; the difference from that neighbour is not supported by the data.")
+
+
+@dataclass
+class Entry:
+    """One setting of a table: its finished runs (one per seed) and its unfinished ones."""
+
+    records: list[dict] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    unfinished: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return 100 * statistics.mean(r["accuracy"] for r in self.records) if self.records else None
+
+    @property
+    def std(self) -> float:
+        return 100 * statistics.stdev(r["accuracy"] for r in self.records) if len(self.records) > 1 else 0.0
+
+    @property
+    def best_epochs(self) -> list[int]:
+        return [r["best_epoch"] for r in self.records if "best_epoch" in r]
+
+    def interval(self) -> tuple[float, float] | None:
+        if not self.records:
+            return None
+        half = statistics.mean(100 * (r["ci95"][1] - r["ci95"][0]) / 2 for r in self.records)
+        k = len(self.records)
+        if k > 1:
+            t = T_975[k - 2] if k - 2 < len(T_975) else 1.96
+            half = math.sqrt(half ** 2 + (t * self.std / math.sqrt(k)) ** 2)
+        return self.accuracy - half, self.accuracy + half
+
+    def text(self) -> str:
+        if not self.records:
+            return "failed" if self.failed else "running" if self.unfinished else "—"
+        if len(self.records) == 1:
+            epochs = self.best_epochs
+            out = f"{self.accuracy:.2f}" + (f" ({epochs[0]})" if epochs else "")
+        else:
+            out = f"{self.accuracy:.2f} ± {self.std:.2f} ({len(self.records)} seeds)"
+        return out + (f" [{len(self.failed)} failed]" if self.failed else "")
+
+
+@dataclass
+class Table:
+    sweep: str
+    title: str
+    command: str | None
+    row_key: str
+    col_key: str | None
+    facet: dict                       # values of further grid keys this table holds fixed
+    rows: list
+    cols: list                        # [None] for a one-column table
+    entries: dict                     # (row, col) -> Entry
+    cells: list[StoredCell]           # the cells behind it, for the cost table
+    study: StudyTable | None = None
+    marks: dict = field(default_factory=dict)
+    study_marks: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        suffix = "-".join(f"{short_name(k)}{format_value(v)}" for k, v in self.facet.items())
+        return f"{self.sweep}-{suffix}" if suffix else self.sweep
+
+    def study_value(self, row, col) -> tuple[float, int | None] | None:
+        return self.study.values.get((row, col)) if self.study else None
+
+    def study_interval(self, row, col) -> tuple[float, float] | None:
+        value = self.study_value(row, col)
+        if value is None:
+            return None
+        n = self.study.n_test
+        low, high = wilson_interval(round(value[0] / 100 * n), n)
+        return 100 * low, 100 * high
+
+
+def value_of(cell: StoredCell, key: str):
+    """A cell's value of a dotted key: its grid value, else its resolved config's."""
+    if cell.params and key in cell.params:
+        return cell.params[key]
+    node = cell.config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def build_tables(store: ResultsStore) -> list[Table]:
+    """The tables of every sweep in the store, in the order the sweeps were last run."""
+    tables = []
+    for sweep in store.sweeps():
+        cells = store.cells(sweep.name)
+        if cells:
+            tables += sweep_tables(sweep, cells)
+    return tables
+
+
+def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
+    spec = SweepSpec(**sweep.spec)
+    row_key, col_key, others = table_axes(spec, list(sweep.grid))
+    known = next((c for c in cells if c.config), None)
+    method = value_of(known, "method.method") if known else None
+    n_train = value_of(known, "data.n_train") if known else None
+    study_name = spec.study or guess_study_table(method, n_train, row_key, col_key)
+    facets: dict[tuple, list[StoredCell]] = {}
+    for cell in cells:
+        if cell.status == "pending" and any(k not in cell.params for k in [row_key, col_key, *others] if k):
+            continue  # never started, and its place in the table is not in its grid values
+        facets.setdefault(tuple(value_of(cell, k) for k in others), []).append(cell)
+    tables = []
+    for facet_values, group in facets.items():
+        rows = _unique(value_of(c, row_key) for c in group)
+        cols = _unique(value_of(c, col_key) for c in group) if col_key else [None]
+        entries = {(r, c): Entry() for r in rows for c in cols}
+        for cell in group:
+            entry = entries[(value_of(cell, row_key), value_of(cell, col_key) if col_key else None)]
+            if cell.status == "finished":
+                entry.records.append(cell.record)
+            elif cell.status == "failed":
+                entry.failed.append(cell.reason or "")
+            else:
+                entry.unfinished += 1
+        table = Table(sweep=sweep.name, title=spec.title or sweep.name, command=sweep.command, row_key=row_key,
+                      col_key=col_key, facet=dict(zip(others, facet_values)), rows=rows, cols=cols,
+                      entries=entries, cells=group, study=STUDY.get(study_name) if study_name else None)
+        if table.study and col_key and not any((r, c) in table.study.values for r in rows for c in cols):
+            table.study = None  # the grid shares no setting with the study's: nothing to set beside it
+        if table.study and table.col_key is None:  # model rows: the study's models join the table
+            table.rows += [r for (r, _) in table.study.values if r not in table.rows]
+            table.entries.update({(r, None): Entry() for r in table.rows if (r, None) not in table.entries})
+        table.marks = overlap_marks(table.rows, table.cols, lambda r, c: table.entries[(r, c)].interval())
+        if table.study:
+            table.study_marks = overlap_marks(table.rows, table.cols, table.study_interval)
+        tables.append(table)
+    return tables
+
+
+def _unique(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def overlap_marks(rows: list, cols: list, interval) -> dict:
+    """(row, col) -> marks for intervals that overlap the left or upper neighbour's."""
+    def overlaps(a, b):
+        return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+    marks = {}
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            own = interval(r, c)
+            mark = ""
+            if j > 0 and overlaps(own, interval(r, cols[j - 1])):
+                mark += MARK_LEFT
+            if i > 0 and overlaps(own, interval(rows[i - 1], c)):
+                mark += MARK_UP
+            marks[(r, c)] = mark
+    return marks
+
+
+def row_label(table: Table, value) -> str:
+    if table.row_key == "model.name" and isinstance(value, str) and study_model_label(value) != value:
+        return study_model_label(value)
+    return format_value(value)
+
+
+def table_grid(table: Table) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of text cells: ours beside the study's, as markdown, CSV and HTML show them."""
+    head_row = short_name(table.row_key)
+    header = [head_row]
+    for c in table.cols:
+        name = "accuracy %" if c is None else f"{short_name(table.col_key)}={format_value(c)}"
+        header.append(name)
+        if table.study:
+            header.append(f"{name} (study)" if c is not None else "study %")
+    lines = []
+    for r in table.rows:
+        line = [row_label(table, r)]
+        for c in table.cols:
+            entry = table.entries[(r, c)]
+            line.append(entry.text() + table.marks.get((r, c), ""))
+            if table.study:
+                value = table.study_value(r, c)
+                text = "" if value is None else f"{value[0]:g}" + (f" ({value[1]})" if value[1] else "")
+                line.append(text + (table.study_marks.get((r, c), "") if text else ""))
+        lines.append(line)
+    return header, lines
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[str(x).replace("|", "\\|") for x in row] for row in [header] + rows]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
+    return "\n".join(lines)
+
+
+COST_HEADER = ["cell", "setting", "status", "accuracy %", "best epoch", "train s", "eval s", "train tokens",
+               "eval tokens", "peak MB", "trainable params", "attempts"]
+
+
+def cost_rows(table: Table) -> list[list[str]]:
+    """One line per cell: what it cost (time, tokens, memory, parameters) and how it ended."""
+    out = []
+    for cell in table.cells:
+        r = cell.record or {}
+        t = r.get("timings", {})
+        setting = ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in (cell.params or {}).items())
+        status = cell.status + (f": {cell.reason}" if cell.reason else "")
+        out.append([cell.key, setting or "single run", status,
+                    f"{100 * r['accuracy']:.2f}" if "accuracy" in r else "", str(r.get("best_epoch", "")),
+                    _num(t.get("train_s")), _num(t.get("eval_s")), _num(r.get("train_tokens"), 0),
+                    _num(r.get("eval_tokens"), 0), _num(r.get("peak_memory_mb"), 0),
+                    _num(r.get("trainable_parameters"), 0), str(cell.attempts)])
+    return out
+
+
+def _num(value, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.{digits}f}"
+

@@ -1,0 +1,136 @@
+"""Reports from a results store: the study's table shape, seeds, significance marks, files written."""
+
+import csv
+import json
+import re
+
+import pytest
+
+from peftlab.cli import main
+from peftlab.evaluate.metrics import wilson_interval
+from peftlab.experiments.store import ResultsStore
+from peftlab.report import write_report
+from peftlab.report.tables import MARK_LEFT, MARK_UP, build_tables, table_grid
+
+N_TEST = 2000
+
+
+def record(accuracy: float, n_train: int, dropout: float, seed: int = 0, best_epoch: int | None = 2,
+           model: str = "smollm2") -> dict:
+    """A metrics record as run_train writes it, with the fields the report reads."""
+    correct = round(accuracy * N_TEST)
+    config = {"model": {"name": model}, "data": {"n_train": n_train, "n_test": N_TEST},
+              "method": {"method": "lora", "lora_dropout": dropout}, "train": {"seed": seed, "epochs": 2},
+              "prompt": {"max_input_tokens": 256}}
+    out = {"accuracy": correct / N_TEST, "ci95": list(wilson_interval(correct, N_TEST)), "n": N_TEST,
+           "config": config, "eval_tokens": 500_000, "eval_tokens_per_s": 1200.0,
+           "timings": {"train_s": 3.0 * n_train, "eval_s": 400.0}, "peak_memory_mb": 900.0,
+           "versions": {"peftlab": "0.1.0", "torch": "2"}, "hardware": {"processor": "cpu", "torch_threads": 2},
+           "git_commit": "abc"}
+    if n_train:
+        out.update(best_epoch=best_epoch, n_train=n_train, train_tokens=260 * n_train * 2, train_tokens_per_s=400.0,
+                   trainable_parameters=460_800, per_epoch=[{"epoch": 1}, {"epoch": 2}])
+    return out
+
+
+def add_sweep(store: ResultsStore, name: str, grid: dict, cells: list[tuple[dict, dict | str]], spec=None):
+    """Register a sweep and write its cells: (params, record) finished, (params, reason) failed."""
+    keys = [(f"{name}-{i}", params) for i, (params, _) in enumerate(cells)]
+    spec = {"name": None, "title": None, "rows": None, "columns": None, "study": None, **(spec or {})}
+    store.register_sweep(name, f"configs/sweeps/{name}.yaml", f"peftlab sweep configs/sweeps/{name}.yaml",
+                         grid, spec, keys)
+    for (key, _), (params, result) in zip(keys, cells):
+        config = result["config"] if isinstance(result, dict) else {"model": {"name": "smollm2"}}
+        store.start(key, config, f"runs/{key}")
+        if isinstance(result, dict):
+            store.finish(key, result)
+        else:
+            store.fail(key, result)
+
+
+@pytest.fixture()
+def store_path(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        # A LoRA grid in the study's shape, two seeds per setting, one seed of one setting failed.
+        accuracies = {(50, 0.0): 0.600, (50, 0.1): 0.605, (150, 0.0): 0.700, (150, 0.1): 0.760}
+        cells = []
+        for (n, d), acc in accuracies.items():
+            for seed in (0, 1):
+                if (n, d, seed) == (150, 0.1, 1):
+                    cells.append(({"data.n_train": n, "method.lora_dropout": d, "train.seed": seed},
+                                  "TrainingDiverged: training diverged at epoch 1, batch 3"))
+                    continue
+                cells.append(({"data.n_train": n, "method.lora_dropout": d, "train.seed": seed},
+                              record(acc + 0.004 * seed, n, d, seed, best_epoch=1 + seed)))
+        add_sweep(store, "smollm2-lora", {"data.n_train": [50, 150], "method.lora_dropout": [0.0, 0.1],
+                                          "train.seed": [0, 1]}, cells)
+        # Zero-shot, a single cell without a grid.
+        add_sweep(store, "smollm2-zero-shot", {}, [({}, record(0.56, 0, 0.1, best_epoch=None))])
+    return path
+
+
+def test_tables_have_the_study_shape_with_seeds_and_the_published_numbers(store_path):
+    with ResultsStore(store_path) as store:
+        tables = {t.sweep: t for t in build_tables(store)}
+    lora = tables["smollm2-lora"]
+    header, rows = table_grid(lora)
+    assert header == ["N", "d=0.0", "d=0.0 (study)", "d=0.1", "d=0.1 (study)"]
+    assert [r[0] for r in rows] == ["50", "150"]
+    # Two seeds: mean ± std and the count; the seed that diverged is counted as failed.
+    assert re.fullmatch(r"60\.20 ± 0\.28 \(2 seeds\)", rows[0][1])
+    assert rows[1][3].startswith("76.00 (1) [1 failed]")
+    assert rows[0][2] == "91.05 (2)" and rows[1][4].startswith("94.1 (1)")  # the study's, with its (k)
+    zero = tables["smollm2-zero-shot"]
+    header, rows = table_grid(zero)
+    assert header == ["model", "accuracy %", "study %"]
+    assert rows[0][:2] == ["smollm2", "56.00"]
+    assert [r[0] for r in rows[1:]] == ["LLaMA-2 7B", "LLaMA-2 13B", "LLaMA-2 70B"]
+    assert [r[2].rstrip(MARK_UP) for r in rows[1:]] == ["51.78", "82.564", "94.24"]
+
+
+def test_marks_flag_differences_the_intervals_do_not_support(store_path):
+    with ResultsStore(store_path) as store:
+        lora = next(t for t in build_tables(store) if t.sweep == "smollm2-lora")
+    # 60.2 vs 60.7 (left neighbour) overlap; 60.2 vs 70.2 (above) do not.
+    assert lora.marks[(50, 0.1)] == MARK_LEFT
+    assert lora.marks[(150, 0.0)] == ""
+    assert MARK_LEFT not in lora.marks[(150, 0.1)]  # 76.0 vs 70.2: supported
+    # The study's own single runs on 2000 reviews: 91.05 vs 90.4 and 95.4 vs 94.1 overlap, 90.4 vs 94.1 do not.
+    assert lora.study_marks[(50, 0.1)] == MARK_LEFT
+    assert lora.study_marks[(150, 0.1)] == MARK_LEFT
+
+
+def test_report_writes_markdown_csv_png_and_one_self_contained_html(store_path, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(store_path), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## smollm2-lora" in md and "| N | d=0.0 | d=0.0 (study) |" in md
+    assert "`peftlab sweep configs/sweeps/smollm2-lora.yaml`" in md and "TrainingDiverged" in md
+    with open(out / "tables" / "smollm2-lora.csv", newline="") as fh:
+        shaped = list(csv.reader(fh))
+    assert shaped[0][0] == "N" and len(shaped) == 3 and len(shaped[0]) == 5
+    with open(out / "tables" / "cells.csv", newline="") as fh:
+        cells = list(csv.DictReader(fh))
+    assert len(cells) == 9 and {c["status"] for c in cells} == {"finished", "failed"}
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert pngs == ["accuracy-vs-cost.png", "smollm2-lora-accuracy-vs-n.png", "smollm2-lora-heat-map.png",
+                    "smollm2-zero-shot-accuracy.png"]
+    for name in pngs:
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{name}" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and 'src="plots/' not in page  # nothing to fetch
+    assert "<table" in page and "91.05 (2)" in page and "60.20 ± 0.28 (2 seeds)" in page
+
+
+def test_report_refuses_a_missing_store_in_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none.sqlite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peftlab: error: no results store") and "\n" not in err
+
+
+def test_report_without_plots_needs_no_matplotlib(store_path, tmp_path):
+    paths = write_report(store_path, tmp_path / "r", plots=False)
+    assert paths["html"].is_file() and not (tmp_path / "r" / "plots").exists()
+    assert json.dumps(str(paths["markdown"]))
