@@ -114,6 +114,23 @@ def bench_peftlab_train(model, examples, batch_size: int, steps: int) -> dict:
             "peak_gpu_gb": peak_gb(), "trainable_parameters": trainable}
 
 
+def peer_dataset(examples) -> list[dict]:
+    """The peer's rows: prompt + label token, with the loss masked (-100) everywhere but the label."""
+    return [{"input_ids": e.prompt_ids + LABEL_IDS[e.label],
+             "labels": [-100] * len(e.prompt_ids) + LABEL_IDS[e.label]} for e in examples]
+
+
+def pad_collate(batch: list[dict]) -> dict:
+    """Right-pad a batch to its longest row, as the standard data collators do."""
+    width = max(len(b["input_ids"]) for b in batch)
+
+    def pad(rows, value):
+        return [row + [value] * (width - len(row)) for row in rows]
+    return {"input_ids": torch.tensor(pad([b["input_ids"] for b in batch], 0)),
+            "attention_mask": torch.tensor(pad([[1] * len(b["input_ids"]) for b in batch], 0)),
+            "labels": torch.tensor(pad([b["labels"] for b in batch], -100))}
+
+
 def bench_trainer_peer(model, examples, batch_size: int, steps: int) -> dict:
     """transformers.Trainer + peft LoRA as peft's docs show it; padded batches, loss on the label token."""
     import peft
@@ -121,24 +138,13 @@ def bench_trainer_peer(model, examples, batch_size: int, steps: int) -> dict:
 
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
                                                              task_type="CAUSAL_LM"))
-    data = []
-    for e in examples[: batch_size * steps]:
-        ids = e.prompt_ids + LABEL_IDS[e.label]
-        data.append({"input_ids": ids, "labels": [-100] * len(e.prompt_ids) + LABEL_IDS[e.label]})
-
-    def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
-        return {"input_ids": torch.tensor(pad([b["input_ids"] for b in batch], 0)),
-                "attention_mask": torch.tensor(pad([[1] * len(b["input_ids"]) for b in batch], 0)),
-                "labels": torch.tensor(pad([b["labels"] for b in batch], -100))}
-
+    data = peer_dataset(examples[: batch_size * steps])
     args = TrainingArguments(output_dir="/tmp/peer", per_device_train_batch_size=batch_size, num_train_epochs=1,
                              learning_rate=5e-4, bf16=True, use_cpu=DEVICE == "cpu", report_to=[], save_strategy="no", logging_steps=50,
                              seed=0, remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data[: 2 * batch_size], data_collator=collate)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data[: 2 * batch_size], data_collator=pad_collate)
     trainer.train()  # warm-up
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data, data_collator=collate)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data, data_collator=pad_collate)
     sync()
     reset_peak()
     start = time.perf_counter()

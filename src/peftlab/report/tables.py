@@ -36,6 +36,7 @@ class Entry:
     records: list[dict] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     unfinished: int = 0
+    pending: int = 0     # cells of the grid that no run has started
 
     @property
     def accuracy(self) -> float | None:
@@ -61,7 +62,7 @@ class Entry:
 
     def text(self) -> str:
         if not self.records:
-            return "failed" if self.failed else "running" if self.unfinished else "—"
+            return "failed" if self.failed else "running" if self.unfinished else "not run" if self.pending else "—"
         if len(self.records) == 1:
             epochs = self.best_epochs
             out = f"{self.accuracy:.2f}" + (f" ({epochs[0]})" if epochs else "")
@@ -146,6 +147,8 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
                 entry.records.append(cell.record)
             elif cell.status == "failed":
                 entry.failed.append(cell.reason or "")
+            elif cell.status == "pending":
+                entry.pending += 1
             else:
                 entry.unfinished += 1
         table = Table(sweep=sweep.name, title=spec.title or sweep.name, command=sweep.command, row_key=row_key,
