@@ -92,3 +92,14 @@ def _quiet_and_no_imdb_env(monkeypatch):
     # No progress bars in test logs; a user's $PEFTLAB_IMDB must not change what "imdb" means here.
     monkeypatch.setenv("PEFTLAB_PROGRESS", "0")
     monkeypatch.delenv("PEFTLAB_IMDB", raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: the tiny model gains nothing from threads, and on a shared,
+    loaded CPU OpenMP threads spin (one thread measured ~10x faster). Bitwise comparisons only need the
+    same thread count in every run they compare."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

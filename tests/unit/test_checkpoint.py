@@ -19,14 +19,7 @@ from peftlab.records import sha256_file
 from peftlab.runs import run_train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model gains nothing from threads, and on a shared, loaded CPU OpenMP threads spin:
-    # one thread is 10x faster here. Bitwise comparisons only need the same count in every run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Killed(BaseException):

@@ -18,12 +18,7 @@ from peftlab.records import sha256_file
 from peftlab.runs import run_train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_checkpoint.py: the tiny model is faster on one thread
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def values(tiny_model_dir, imdb_dir, out, **extra):

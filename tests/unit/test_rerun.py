@@ -9,12 +9,7 @@ from peftlab.cli import main
 from peftlab.records import sha256_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_checkpoint.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_args(tiny_model_dir, imdb_dir, out):

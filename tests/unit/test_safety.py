@@ -20,12 +20,7 @@ from peftlab.records import child_path, safe_name
 SRC = Path(__file__).resolve().parents[2] / "src" / "peftlab"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_checkpoint.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # What can run code while loading a file, or evaluate text as code.
