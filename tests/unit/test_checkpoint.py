@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import peftlab.runs as runs
 import peftlab.train.loop as loop

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from peftlab.cli import main
 from peftlab.records import sha256_file
