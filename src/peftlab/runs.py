@@ -45,7 +45,7 @@ from peftlab.records import (
 )
 from peftlab.repro import git_commit, hardware, peak_memory_mb, set_seed, versions
 from peftlab.train.checkpoint import Checkpoints, differences, load_trainable, trainable_state
-from peftlab.train.loop import default_lr, fit
+from peftlab.train.loop import fit
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -212,7 +212,7 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
     encoded = task.encoder.encode(task.train, tokenizer)
     rows = build_rows(encoded, task.encoder.label_ids, gold_only=config.train.loss == "lm")
     gold = [e.label for e in encoded]
-    lr = config.train.lr or default_lr(config.method.method)
+    lr = config.train.lr  # resolved per method by RunConfig.__post_init__
     run_fingerprint = fingerprint(config, task.train)
     checkpoints = Checkpoints(out / CHECKPOINT_DIR, config.train.checkpoint_every, run_fingerprint)
     resumed = config.train.resume and checkpoints.load()

@@ -36,12 +36,6 @@ class EpochRecord:
     metrics: dict = field(default_factory=dict)
 
 
-def default_lr(method: str) -> float:
-    # LoRA: the study's 5e-4. Prompt learning needs far larger steps (Lester et al. 2021 used 0.3);
-    # 3e-2 is what we measured to learn on SmolLM2 (see README, prompt tuning).
-    return 5e-4 if method == "lora" else 3e-2 if method in ("prompt-tuning", "p-tuning", "prefix-tuning") else 1e-3
-
-
 def train_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffled batches of similar length: shuffle, sort within chunks of 50 batches, shuffle batches."""
     order = list(range(len(lengths)))
