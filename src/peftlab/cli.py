@@ -98,10 +98,15 @@ def add_experiment_parsers(sub) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help=f"results store (SQLite) [default: {DEFAULT_STORE}]")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their estimated cost; run nothing")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them failed)")
+    p.add_argument("--workers", type=int, help="run the cells in parallel on this many Ray workers, one cell per "
+                   "GPU (or per share of the CPUs); overrides the YAML's ray.workers [default: one after another]")
+    p.add_argument("--ray-address", help="Ray cluster to join ('auto', 'ray://host:10001') [default: start a "
+                   "local one]; overrides ray.address")
     add_config_flags(p, config_file=False)
     p = sub.add_parser("report", help=EXPERIMENT_COMMANDS["report"], description=EXPERIMENT_COMMANDS["report"])
-    p.add_argument("store", metavar="STORE", help="results store written by `peftlab sweep`")
-    p.add_argument("--out", help="report folder [default: report/ beside the store]")
+    p.add_argument("stores", nargs="+", metavar="STORE", help="results store(s) written by `peftlab sweep`; "
+                   "several give one report")
+    p.add_argument("--out", help="report folder [default: report/ beside the (first) store]")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
 
 
@@ -110,8 +115,8 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     if args.command == "report":
         from peftlab.report import write_report
 
-        out = args.out or Path(args.store).expanduser().parent / "report"
-        paths = write_report(args.store, out, plots=not args.no_plots)
+        out = args.out or Path(args.stores[0]).expanduser().parent / "report"
+        paths = write_report(args.stores, out, plots=not args.no_plots)
         print(f"report: {paths['html']} (markdown {paths['markdown']}, CSV in {paths['tables']})")
         return 0
     from peftlab.experiments import ResultsStore, load_sweep, run_sweep
@@ -129,11 +134,30 @@ def run_experiment_command(args: argparse.Namespace) -> int:
             if store is not None:
                 store.close()
         return 0
+    ray_options = parallel_options(sweep.ray, args.workers, args.ray_address)
     with ResultsStore(args.store, writer=True) as store:
-        outcome = run_sweep(sweep, store, progress=False if args.quiet else None, retry_failed=args.retry_failed)
+        if ray_options is None:
+            outcome = run_sweep(sweep, store, progress=False if args.quiet else None, retry_failed=args.retry_failed)
+        else:
+            from peftlab.experiments.parallel import run_sweep_parallel
+
+            outcome = run_sweep_parallel(sweep, store, ray_options, retry_failed=args.retry_failed)
     print(f"sweep {sweep.name}: {len(outcome.ran)} cells run, {len(outcome.skipped)} already done, "
           f"{len(outcome.failed)} failed -> {args.store}; `peftlab report {args.store}` writes the tables")
     return 1 if outcome.failed else 0
+
+
+def parallel_options(from_yaml, workers: int | None, address: str | None):
+    """The YAML's `ray:` section with the flags on top; None for a serial sweep."""
+    import dataclasses
+
+    from peftlab.experiments.grid import RayOptions
+
+    if from_yaml is None and workers is None and address is None:
+        return None
+    options = from_yaml or RayOptions()
+    changes = {k: v for k, v in (("workers", workers), ("address", address)) if v is not None}
+    return dataclasses.replace(options, **changes)
 
 
 def sweep_command(path: str, overrides: dict, out, store: str) -> str:

@@ -134,3 +134,22 @@ def test_report_without_plots_needs_no_matplotlib(store_path, tmp_path):
     paths = write_report(store_path, tmp_path / "r", plots=False)
     assert paths["html"].is_file() and not (tmp_path / "r" / "plots").exists()
     assert json.dumps(str(paths["markdown"]))
+
+
+def test_several_stores_make_one_report_and_clashing_sweep_names_are_refused(store_path, tmp_path, capsys):
+    other = tmp_path / "other.sqlite"
+    with ResultsStore(other, writer=True) as store:
+        add_sweep(store, "second-grid", {"data.n_train": [50, 150]},
+                  [({"data.n_train": n}, record(0.55 + n / 1000, n, 0.0)) for n in (50, 150)])
+    out = tmp_path / "both"
+    assert main(["report", str(store_path), str(other), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    with ResultsStore(store_path) as store:
+        first = {t.name for t in build_tables(store)}
+    assert all(name in md for name in first) and "second-grid" in md
+    assert str(store_path) in md and str(other) in md
+    sweeps = {row["sweep"] for row in csv.DictReader((out / "tables" / "cells.csv").open())}
+    assert "second-grid" in sweeps and len(sweeps) >= 2
+
+    assert main(["report", str(store_path), str(store_path), "--out", str(tmp_path / "twice"), "--no-plots"]) == 2
+    assert "the stores hold sweeps of the same name" in capsys.readouterr().err

@@ -55,6 +55,27 @@ class SweepSpec:
             raise PeftlabError(f"sweep.name={self.name!r}: use letters, digits, '.', '_' and '-' only")
 
 
+@dataclass
+class RayOptions:
+    """The optional `ray:` section (or --workers / --ray-address): cells in parallel, see parallel.py."""
+
+    workers: int = 1
+    address: str | None = None          # None: start a local cluster; "auto" or "ray://host:10001": join one
+    gpus_per_worker: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared equally among the workers
+    max_worker_losses: int = 3          # a cell whose worker died this many times is recorded failed
+
+    def __post_init__(self):
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise PeftlabError(f"ray workers={self.workers!r}: give a whole number of workers, 1 or more")
+        for name in ("gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise PeftlabError(f"ray {name}={value!r}: give a number of 0 or more")
+        if not isinstance(self.max_worker_losses, int) or self.max_worker_losses < 1:
+            raise PeftlabError(f"ray max_worker_losses={self.max_worker_losses!r}: give a whole number, 1 or more")
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of a sweep: its key, the grid values that make it, and its resolved config."""
@@ -81,6 +102,7 @@ class Sweep:
     out: Path            # each cell's run folder lies under it
     cells: list[Cell]
     command: str | None = None  # the command line that runs it, kept in the store for the report
+    ray: RayOptions | None = None  # run the cells in parallel on Ray workers (None: one after another)
 
 
 def short_name(key: str) -> str:
@@ -158,6 +180,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     data = load_yaml(path)
     has_grid, grid_raw = "grid" in data, data.pop("grid", None)
     spec = build_spec(data.pop("sweep", None), path)
+    ray = build_ray_options(data.pop("ray", None), path)
     base = flatten(data, str(path))
     check_scalars(base, str(path))
     grid = validate_grid(grid_raw, str(path)) if has_grid else {}
@@ -174,7 +197,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     root = Path(out or yaml_out or DEFAULT_ROOT / name)
     cells = expand_grid(base, grid, root, str(path))
     check_layout(spec, grid, str(path))
-    return Sweep(name=name, source=str(path), spec=spec, grid=grid, out=root, cells=cells)
+    return Sweep(name=name, source=str(path), spec=spec, grid=grid, out=root, cells=cells, ray=ray)
 
 
 def build_spec(raw: Any, path: Path) -> SweepSpec:
@@ -187,6 +210,18 @@ def build_spec(raw: Any, path: Path) -> SweepSpec:
     if unknown:
         raise PeftlabError(f"{path}: unknown key 'sweep.{sorted(unknown)[0]}'. Known: {', '.join(sorted(known))}")
     return SweepSpec(**{k: None if v is None else str(v) for k, v in raw.items()})
+
+
+def build_ray_options(raw: Any, path: Path) -> RayOptions | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PeftlabError(f"{path}: 'ray' must be a mapping (workers, address, gpus_per_worker, ...)")
+    known = {f.name for f in dataclasses.fields(RayOptions)}
+    unknown = set(raw) - known
+    if unknown:
+        raise PeftlabError(f"{path}: unknown key 'ray.{sorted(unknown)[0]}'. Known: {', '.join(sorted(known))}")
+    return RayOptions(**raw)
 
 
 def _takes_collection(tp: Any) -> bool:

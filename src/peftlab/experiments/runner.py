@@ -19,7 +19,9 @@ import errno
 import gc
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -87,14 +89,8 @@ def run_cell(cell: Cell, model, tokenizer, progress: bool | None) -> dict:
     return run(cell.config, model, tokenizer, progress=progress)
 
 
-def run_sweep(sweep: Sweep, store: ResultsStore, progress: bool | None = None, retry_failed: bool = False,
-              log: Callable[[str], None] = print, load_model: Callable | None = None,
-              run: Callable = run_cell) -> SweepOutcome:
-    """Run every cell of `sweep` that the store does not hold as finished; see the module docstring."""
-    from peftlab.models import load_base_model
-
-    load_model = load_model or load_base_model
-    outcome = SweepOutcome()
+def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: SweepOutcome) -> list[Cell]:
+    """Register the sweep in the store and return the cells still to run, grouped by base model."""
     sweep.cells = with_earlier_keys(sweep.cells, store)
     store.register_sweep(sweep.name, sweep.source, sweep.command, sweep.grid, _spec_dict(sweep),
                          [(c.key, c.params) for c in sweep.cells])
@@ -104,88 +100,152 @@ def run_sweep(sweep: Sweep, store: ResultsStore, progress: bool | None = None, r
         if status == "finished" or (status == "failed" and not retry_failed):
             outcome.skipped.append(cell.key)
             continue
-        if status is not None and not getattr(cell.config.train, "resume", False):
-            # Cut off or failed before: redo it from scratch, not on top of what the last try left.
-            # (With train.resume a cut-off training cell continues from its checkpoint instead.)
-            shutil.rmtree(cell.config.out, ignore_errors=True)
+        if status is not None:
+            clear_unfinished(cell)
         todo.append(cell)
+    # Cells of one model run one after another, so that a worker loads each base model once.
+    return [cell for _, cells in group_by_model(todo) for cell in cells]
+
+
+def clear_unfinished(cell: Cell) -> None:
+    """A cell cut off or failed before is redone from scratch, not on top of what the last try left.
+
+    With train.resume a cut-off training cell continues from its checkpoint instead.
+    """
+    if not getattr(cell.config.train, "resume", False):
+        shutil.rmtree(cell.config.out, ignore_errors=True)
+
+
+def run_sweep(sweep: Sweep, store: ResultsStore, progress: bool | None = None, retry_failed: bool = False,
+              log: Callable[[str], None] = print, load_model: Callable | None = None,
+              run: Callable = run_cell) -> SweepOutcome:
+    """Run every cell of `sweep` that the store does not hold as finished, one after another."""
+    outcome = SweepOutcome()
+    todo = plan_sweep(sweep, store, retry_failed, outcome)
     log(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(outcome.skipped)} already in {store.path}, "
         f"{len(todo)} to run")
-    position = {c.key: f"[{i}/{len(sweep.cells)}]" for i, c in enumerate(sweep.cells, start=1)}
-    for model_config, cells in group_by_model(todo):
-        _run_group(model_config, cells, store, outcome, load_model, run, progress, log, position)
-        _free()  # the group's base model goes before the next one is loaded
+    position = cell_positions(sweep)
+    executor = CellExecutor(load_model, run, progress)
+    try:
+        for cell in todo:
+            log(f"{position[cell.key]} {cell.label()} ({cell.key})")
+            store.start(cell.key, cell.config.to_dict(), cell.config.out)
+            settle(store, cell, executor.execute(cell), outcome, log)  # a bug raises: the cell stays running
+    finally:
+        executor.release()
     return outcome
 
 
-def _run_group(model_config, cells: list[Cell], store: ResultsStore, outcome: SweepOutcome, load_model, run,
-               progress, log, position: dict) -> None:
-    """The cells of one base model: load it once, run each cell on it, check it after each."""
-    model = tokenizer = fingerprint = None
-    for i, cell in enumerate(cells):
-        if model is None:
+def cell_positions(sweep: Sweep) -> dict[str, str]:
+    return {c.key: f"[{i}/{len(sweep.cells)}]" for i, c in enumerate(sweep.cells, start=1)}
+
+
+@dataclass
+class CellResult:
+    """What running one cell gave. Plain data: a Ray worker sends it back to the driver."""
+
+    status: str                  # finished | failed | changed (finished, but it changed the shared base)
+    record: dict | None = None
+    reason: str | None = None
+    base_changed: bool = False   # the base differs from how it was loaded (reloaded before the next cell)
+    model_loaded: bool = False   # the cell loaded its base model first
+
+
+def settle(store: ResultsStore, cell: Cell, result: CellResult, outcome: SweepOutcome, log, prefix: str = "  "
+           ) -> None:
+    """Write a cell's result to the store (committed at once: a later crash cannot lose it)."""
+    outcome.model_loads += result.model_loaded
+    if result.status == "finished":
+        store.finish(cell.key, result.record)
+        outcome.ran.append(cell.key)
+        record = result.record
+        epoch = f", best epoch {record['best_epoch']}" if "best_epoch" in record else ""
+        log(f"{prefix}accuracy {record['accuracy']:.2%}{epoch} -> {cell.config.out}")
+        return
+    store.fail(cell.key, result.reason)
+    if result.status == "changed":
+        raise BaseModelChanged(f"cell {cell.key} ({cell.label()}) changed the shared base model; "
+                               "its result and every later one would be wrong")
+    outcome.failed.append((cell.key, result.reason))
+    log(f"{prefix}failed: {result.reason}")
+    if result.base_changed:
+        log(f"{prefix}left the base model changed: it is loaded again")
+
+
+class CellExecutor:
+    """Runs cells on the base model it holds, loading it only when a cell needs another model.
+
+    The serial sweep has one; every worker of a parallel sweep (experiments/parallel.py) has its own.
+    After each cell a fingerprint of the base must equal the one taken after loading.
+    """
+
+    def __init__(self, load_model: Callable | None = None, run: Callable = run_cell, progress: bool | None = None):
+        if load_model is None:
+            from peftlab.models import load_base_model as load_model
+        self.load_model, self.run, self.progress = load_model, run, progress
+        self.model_key: str | None = None
+        self.model = self.tokenizer = self.fingerprint = None
+        self.load_failures: dict[str, str] = {}  # a model that failed to load is not tried again
+
+    def execute(self, cell: Cell) -> CellResult:
+        key = model_key(cell)
+        loaded = key != self.model_key
+        if key in self.load_failures:
+            return CellResult("failed", reason=f"loading the model: {self.load_failures[key]}")
+        if loaded:
+            self.release()
             try:
-                model, tokenizer = load_model(model_config)
+                self.model, self.tokenizer = self.load_model(cell.config.model)
             except BaseException as exc:
                 reason = failure_reason(exc)
                 if reason is None:
                     raise
-                log(f"cannot load {model_config.name}: {reason}; its {len(cells) - i} cells fail")
-                for rest in cells[i:]:
-                    store.start(rest.key, rest.config.to_dict(), rest.config.out)
-                    store.fail(rest.key, f"loading the model: {reason}")
-                    outcome.failed.append((rest.key, reason))
-                return
-            outcome.model_loads += 1
-            fingerprint = base_fingerprint(model)
-        log(f"{position[cell.key]} {cell.label()} ({cell.key})")
-        record = _run_one(cell, model, tokenizer, store, outcome, progress, run, log)
-        changed = base_fingerprint(model) != fingerprint
-        if record is not None and changed:
-            store.fail(cell.key, "the cell changed the shared base model (a peftlab bug)")
-            raise BaseModelChanged(f"cell {cell.key} ({cell.label()}) changed the shared base model; "
-                                   "its result and every later one would be wrong")
-        if record is not None:
-            store.finish(cell.key, record)  # committed at once: a later crash cannot lose it
-            outcome.ran.append(cell.key)
-            epoch = f", best epoch {record['best_epoch']}" if "best_epoch" in record else ""
-            log(f"  accuracy {record['accuracy']:.2%}{epoch} -> {cell.config.out}")
-        elif changed:
-            log("  the failed cell left the base model changed: loading it again")
-            model = tokenizer = None
+                self.load_failures[key] = reason
+                return CellResult("failed", reason=f"loading the model: {reason}")
+            self.model_key, self.fingerprint = key, base_fingerprint(self.model)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # peak_memory_mb is then this cell's peak, not the sweep's
+        start = time.perf_counter()
+        try:
+            record = self.run(cell, self.model, self.tokenizer, self.progress)
+        except BaseException as exc:
+            reason = failure_reason(exc)
+            if reason is None:
+                raise  # a bug, Ctrl-C or kill: the cell stays `running` and the next sweep redoes it
+            changed = self._base_changed()
+            if changed:
+                self.release()
+            elif "memory" in reason.lower():
+                _free()  # give the next cell what the failed one held
+            return CellResult("failed", reason=reason, base_changed=changed, model_loaded=loaded)
+        if self._base_changed():
+            self.release()
+            return CellResult("changed", reason="the cell changed the shared base model (a peftlab bug)",
+                              base_changed=True, model_loaded=loaded)
+        record = json.loads(json.dumps(record, default=str))  # what the store holds is plain JSON
+        record["cell"] = {"key": cell.key, "params": cell.params, "wall_s": time.perf_counter() - start,
+                          "host": socket.gethostname(), "pid": os.getpid()}
+        return CellResult("finished", record=record, model_loaded=loaded)
+
+    def _base_changed(self) -> bool:
+        return base_fingerprint(self.model) != self.fingerprint
+
+    def release(self) -> None:
+        """Drop the base model held (before another is loaded, and at the end)."""
+        if self.model is not None:
+            self.model = self.tokenizer = self.fingerprint = self.model_key = None
             _free()
 
 
-def _run_one(cell: Cell, model, tokenizer, store: ResultsStore, outcome: SweepOutcome, progress, run, log
-             ) -> dict | None:
-    """Run one cell; its record, or None after recording a failure the sweep survives."""
-    store.start(cell.key, cell.config.to_dict(), cell.config.out)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()  # peak_memory_mb is then this cell's peak, not the sweep's
-    start = time.perf_counter()
-    try:
-        record = run(cell, model, tokenizer, progress)
-    except BaseException as exc:
-        reason = failure_reason(exc)
-        if reason is None:
-            raise  # a bug, Ctrl-C or kill: the cell stays `running` and the next sweep redoes it
-        store.fail(cell.key, reason)
-        outcome.failed.append((cell.key, reason))
-        log(f"  failed: {reason}")
-        if "memory" in reason.lower():
-            _free()  # give the next cell what the failed one held
-        return None
-    record = json.loads(json.dumps(record, default=str))  # what the store holds is plain JSON
-    record["cell"] = {"key": cell.key, "params": cell.params, "wall_s": time.perf_counter() - start}
-    return record
+def model_key(cell: Cell) -> str:
+    return json.dumps(cell.config.to_dict()["model"], sort_keys=True)
 
 
 def group_by_model(cells: list[Cell]) -> list[tuple[object, list[Cell]]]:
     """Cells grouped by their model section, groups in order of first appearance."""
     groups: dict[str, tuple[object, list[Cell]]] = {}
     for cell in cells:
-        key = json.dumps(cell.config.to_dict()["model"], sort_keys=True)
-        groups.setdefault(key, (cell.config.model, []))[1].append(cell)
+        groups.setdefault(model_key(cell), (cell.config.model, []))[1].append(cell)
     return list(groups.values())
 
 

@@ -1,6 +1,7 @@
 """Reports: a results store turned into tables (markdown, CSV), plots (PNG) and one HTML page.
 
     peftlab report runs/sweeps/results.sqlite --out results/report
+    peftlab report lora.sqlite prompt-tuning.sqlite --out results/report   # several stores, one report
 
     <out>/report.md        tables in the study's shape, the study's numbers beside them, plots linked
     <out>/report.html      the same, self-contained (plots inlined): open it in any browser
@@ -14,6 +15,7 @@ import csv
 import io
 from pathlib import Path
 
+from peftlab.errors import PeftlabError
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import atomic_write_text
 from peftlab.report.tables import Table, build_tables, table_grid
@@ -23,13 +25,22 @@ CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method",
                 "eval_tokens", "peak_memory_mb", "trainable_parameters", "attempts", "out"]
 
 
-def write_report(store_path: str | Path, out: str | Path, plots: bool = True) -> dict[str, Path]:
-    """Write the report of every sweep in the store under `out`; returns the main files' paths."""
+def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = True) -> dict[str, Path]:
+    """Write the report of every sweep in the store(s) under `out`; returns the main files' paths."""
     from peftlab.report.pages import write_html, write_markdown
 
     out = Path(out)
-    with ResultsStore(store_path) as store:
-        tables = build_tables(store)
+    paths = [store_paths] if isinstance(store_paths, (str, Path)) else list(store_paths)
+    tables = []
+    for path in paths:
+        with ResultsStore(path) as store:
+            tables += build_tables(store)
+    names = [t.name for t in tables]
+    if len(set(names)) < len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise PeftlabError(f"the stores hold sweeps of the same name ({', '.join(repeated)}); report them "
+                           "separately (--out to different folders)")
+    store_path = ", ".join(str(p) for p in paths)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for table in tables:
         header, rows = table_grid(table)
