@@ -214,12 +214,17 @@ def main() -> None:
     report["planner"] = planner_prediction(args.shape, args.batch_size, args.max_len + 60, args.eval_batch_size,
                                            args.max_batch_tokens)
     report["total_s"] = time.perf_counter() - t0
+    write_report(report, args.out, f"gpu_{args.shape}.json")
+
+
+def write_report(report: dict, out: str | None, name_in_out_dir: str) -> None:
+    """Print the report, write it to --out, and into $OUT (the device machine's folder that comes back)."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"gpu_{args.shape}.json").write_text(text + "\n")
+        Path(os.environ["OUT"], name_in_out_dir).write_text(text + "\n")
 
 
 if __name__ == "__main__":

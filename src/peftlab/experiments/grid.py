@@ -200,28 +200,27 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     return Sweep(name=name, source=str(path), spec=spec, grid=grid, out=root, cells=cells, ray=ray)
 
 
-def build_spec(raw: Any, path: Path) -> SweepSpec:
+def section_values(raw: Any, section: str, cls: type, path: Path) -> dict | None:
+    """The checked keys of an optional mapping section (`sweep:`, `ray:`) of a sweep YAML; None if absent."""
     if raw is None:
-        return SweepSpec()
+        return None
+    known = sorted(f.name for f in dataclasses.fields(cls))
     if not isinstance(raw, dict):
-        raise PeftlabError(f"{path}: 'sweep' must be a mapping (name, title, rows, columns, study)")
-    known = {f.name for f in dataclasses.fields(SweepSpec)}
-    unknown = set(raw) - known
+        raise PeftlabError(f"{path}: '{section}' must be a mapping ({', '.join(known)})")
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise PeftlabError(f"{path}: unknown key 'sweep.{sorted(unknown)[0]}'. Known: {', '.join(sorted(known))}")
-    return SweepSpec(**{k: None if v is None else str(v) for k, v in raw.items()})
+        raise PeftlabError(f"{path}: unknown key '{section}.{unknown[0]}'. Known: {', '.join(known)}")
+    return raw
+
+
+def build_spec(raw: Any, path: Path) -> SweepSpec:
+    values = section_values(raw, "sweep", SweepSpec, path) or {}
+    return SweepSpec(**{k: None if v is None else str(v) for k, v in values.items()})
 
 
 def build_ray_options(raw: Any, path: Path) -> RayOptions | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise PeftlabError(f"{path}: 'ray' must be a mapping (workers, address, gpus_per_worker, ...)")
-    known = {f.name for f in dataclasses.fields(RayOptions)}
-    unknown = set(raw) - known
-    if unknown:
-        raise PeftlabError(f"{path}: unknown key 'ray.{sorted(unknown)[0]}'. Known: {', '.join(sorted(known))}")
-    return RayOptions(**raw)
+    values = section_values(raw, "ray", RayOptions, path)
+    return None if values is None else RayOptions(**values)
 
 
 def _takes_collection(tp: Any) -> bool:
