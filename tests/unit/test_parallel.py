@@ -97,7 +97,8 @@ def test_two_workers_give_the_serial_results_and_a_lost_workers_cell_is_reschedu
 
 def test_a_cell_whose_workers_keep_dying_is_recorded_failed_and_the_rest_finish(ray_cluster, tmp_path,
                                                                                tiny_model_dir, imdb_dir):
-    path = write_sweep(tmp_path / "dies.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [8, 16]})
+    path = write_sweep(tmp_path / "dies.yaml", tiny_model_dir, imdb_dir,
+                       {"data.n_train": [8, 16], "method.lora_dropout": [0.0]})
     sweep = load_sweep(path, out=tmp_path / "runs")
     with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
         outcome = run_sweep_parallel(sweep, store, RayOptions(workers=2, cpus_per_worker=1, max_worker_losses=2),
