@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,17 @@ def test_a_worker_asking_for_more_than_the_cluster_has_is_refused(ray_cluster, t
         with pytest.raises(PeftlabError, match="asks for 1 CPUs and 1 GPUs but the Ray cluster has 2 CPUs and 0 GPUs"):
             run_sweep_parallel(load_sweep(path, out=tmp_path / "runs"), store,
                                RayOptions(workers=2, cpus_per_worker=1, gpus_per_worker=1), log=lambda _: None)
+
+
+def test_the_cli_starts_and_stops_its_own_local_cluster(tmp_path, tiny_model_dir, imdb_dir):
+    """What a user runs: no cluster yet, `peftlab sweep --workers 2` starts one, runs the cells, shuts it down."""
+    path = write_sweep(tmp_path / "own.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [8, 16]})
+    store = tmp_path / "r.sqlite"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "peftlab", "sweep", str(path), "--store", str(store), "--out",
+                           str(tmp_path / "runs"), "--quiet", "--workers", "2"], cwd=tmp_path, timeout=600,
+                          env={**env, "OMP_NUM_THREADS": "1", "PEFTLAB_PROGRESS": "0"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 to run on 2 Ray workers" in done.stdout and "2 cells run" in done.stdout
+    with ResultsStore(store) as reader:
+        assert [c.status for c in reader.cells("own")] == ["finished", "finished"]
