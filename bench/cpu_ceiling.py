@@ -73,10 +73,10 @@ def main() -> None:
     with torch.inference_mode():
         body_s = seconds_per_call(lambda: model.model(input_ids=ids), reps=3)
     body_tok_s = rows / body_s
-    weights = [gemm["bf16"][k] * w for k, w in (("hidden->hidden", 2 * h * h), ("hidden->kv", 2 * h * kv),
-                                                 ("hidden->intermediate", 2 * h * inter),
-                                                 ("intermediate->hidden", inter * h))]
-    rate = sum(weights) / (2 * h * h + 2 * h * kv + 3 * h * inter)  # GFLOP/s over the body's mix of shapes
+    # GFLOP/s over the body's mix of shapes: each shape's share of the FLOPs at its own rate (time adds up).
+    shares = (("hidden->hidden", 2 * h * h), ("hidden->kv", 2 * h * kv), ("hidden->intermediate", 2 * h * inter),
+              ("intermediate->hidden", inter * h))
+    rate = sum(w for _, w in shares) / sum(w / gemm["bf16"][k] for k, w in shares)
     report = {
         "model": args.model, "batch": [args.batch_size, args.tokens], "hardware": hardware(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),

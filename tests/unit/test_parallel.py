@@ -29,7 +29,7 @@ def is_victim(cell) -> bool:
 def ray_cluster():
     """A local cluster of 2 CPUs, started once for this file (a start costs seconds)."""
     # Functions defined in this file travel to the workers by value: they need not import the tests.
-    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2, logging_level="error")
     yield
     ray.shutdown()

@@ -22,14 +22,13 @@ machines that must be a file system all of them share; the store holds every cel
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from typing import Callable
 
 from peftlab.errors import PeftlabError
 from peftlab.experiments.grid import Cell, RayOptions, Sweep
-from peftlab.experiments.runner import (CellExecutor, SweepOutcome, cell_positions, clear_unfinished, plan_sweep,
-                                        run_cell, settle)
+from peftlab.experiments.runner import (CellExecutor, CellResult, SweepOutcome, cell_positions, clear_unfinished,
+                                        plan_sweep, run_cell, settle)
 from peftlab.experiments.store import ResultsStore
 
 
@@ -45,9 +44,6 @@ class CellWorker:
 
     def execute(self, cell: Cell):
         return self.executor.execute(cell)
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def import_ray():
@@ -135,11 +131,9 @@ def _schedule(ray, sweep: Sweep, store: ResultsStore, todo: deque, idle: list, n
             result = ray.get(ref)
         except ray.exceptions.RayActorError as exc:  # the worker's process or node is gone
             losses[cell.key] = losses.get(cell.key, 0) + 1
-            reason = f"its Ray worker died {losses[cell.key]} times (last: {_first_line(exc)})"
             if losses[cell.key] >= options.max_worker_losses:
-                store.fail(cell.key, reason)
-                outcome.failed.append((cell.key, reason))
-                log(f"  {cell.key} failed: {reason}")
+                reason = f"its Ray worker died {losses[cell.key]} times (last: {_last_line(exc)})"
+                settle(store, cell, CellResult("failed", reason=reason), outcome, log, prefix=f"  {cell.key} ")
             else:
                 # It stays `running` in the store until a new worker takes it (which counts the attempt).
                 log(f"  the worker running {cell.key} died; the cell goes to a new worker")
@@ -149,16 +143,18 @@ def _schedule(ray, sweep: Sweep, store: ResultsStore, todo: deque, idle: list, n
             continue
         except ray.exceptions.RayTaskError as exc:
             bug = bug or exc  # the cell stays `running`: the next sweep redoes it, as in a serial sweep
-            log(f"  {cell.key} stopped the sweep with an unexpected error: {_first_line(exc)}")
+            log(f"  {cell.key} stopped the sweep with an unexpected error: {_last_line(exc)}")
             idle.append(worker)
             continue
-        settle(store, cell, result, outcome, log, prefix=f"  {cell.key} ")  # a cell that changed its base model raises here
+        # A cell that changed its shared base model raises here, as in a serial sweep.
+        settle(store, cell, result, outcome, log, prefix=f"  {cell.key} ")
         idle.append(worker)
     if bug is not None:
         raise bug.as_instanceof_cause()
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
+    """Ray's error text ends with the line that says what happened (the exception, or the death)."""
     text = str(exc).strip()
     return text.splitlines()[-1][:300] if text else type(exc).__name__
 
