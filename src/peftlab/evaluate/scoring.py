@@ -120,12 +120,16 @@ def cache_argument(model) -> str:
 
 
 def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, offset: int = 0,
-                   prefix: SharedPrefix | None = None) -> torch.Tensor:
-    """(B, C) label-word log-probabilities of a batch of examples; -inf where a class was not scored."""
+                   prefix: SharedPrefix | None = None, pad_multiple: int = 1) -> torch.Tensor:
+    """(B, C) label-word log-probabilities of a batch of examples; -inf where a class was not scored.
+
+    `pad_multiple` rounds the batch's width up to a multiple of it (the extra positions are masked
+    padding), so that a run meets a few batch shapes instead of one per length.
+    """
     flat = [(b, row) for b, rows in enumerate(batch) for row in rows]
     device = next(model.parameters()).device
     skip = prefix.length if prefix else 0  # tokens whose keys and values come from the shared prefix cache
-    width = max(len(row.seq) for _, row in flat) - skip
+    width = -(-(max(len(row.seq) for _, row in flat) - skip) // pad_multiple) * pad_multiple
     input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(flat), skip + width), dtype=torch.long)
     for r, (_, row) in enumerate(flat):

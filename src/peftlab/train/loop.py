@@ -23,6 +23,10 @@ from peftlab.evaluate.scoring import Row, example_length, example_scores
 from peftlab.train.checkpoint import Checkpoints, Position
 
 
+# Batch widths on a GPU are rounded up to a multiple of this (1: no rounding). Measured in bench/gpu_shapes.py.
+CUDA_PAD_MULTIPLE = 1
+
+
 class TrainingDiverged(PeftlabError):
     """The loss became NaN or infinite: the cell stops instead of training on garbage."""
 
@@ -58,8 +62,8 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 
 def batch_loss(model, batch: list[list[Row]], gold: torch.Tensor, n_classes: int, pad_id: int, offset: int,
-               loss: str) -> torch.Tensor:
-    scores = example_scores(model, batch, n_classes, pad_id, offset)
+               loss: str, pad_multiple: int = 1) -> torch.Tensor:
+    scores = example_scores(model, batch, n_classes, pad_id, offset, pad_multiple=pad_multiple)
     if loss == "classes":
         return torch.nn.functional.cross_entropy(scores, gold.to(scores.device))
     return -scores.gather(1, gold.to(scores.device)[:, None]).mean()
@@ -101,6 +105,7 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
     gold_t = torch.tensor(gold)
     device = next(iter(params.values())).device
     check_every = 1 if device.type == "cpu" else 8
+    pad_multiple = CUDA_PAD_MULTIPLE if device.type == "cuda" else 1
     rng = random.Random(config.seed)  # batch order: part of the run's seed
     pos = Position()
     if checkpoints is not None and checkpoints.loaded:
@@ -117,7 +122,8 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
         for step in range(pos.batch + 1, len(batches) + 1):
             batch, share = cluster.shard_batch(batches[step - 1])  # this process's part: all of it alone
             counted = len(batch) if share else 0                   # a 0-share stand-in counts nothing
-            loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], n_classes, pad_id, offset, config.loss)
+            loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], n_classes, pad_id, offset, config.loss,
+                              pad_multiple)
             (loss * share / config.grad_accum).backward()
             pending += loss.detach().double() * counted
             pos.batch, pos.seen = step, pos.seen + counted

@@ -1,0 +1,168 @@
+"""Where peftlab's GPU LoRA training loses time to batch shapes it has not seen before.
+
+    PYTHONPATH=src python bench/gpu_shapes.py            # one H100, about 4 minutes
+
+bench/gpu_bench.py timed peftlab's LoRA training at 0.69x the Trainer peer, while a profile over
+batches seen once already (bench/gpu_profile.py) put peftlab at 1.8x. peftlab groups batches by
+length, so every batch of an epoch has its own width; the peer pads random batches to the longest
+row, which with reviews cut at 512 tokens is nearly always the same width. This script times, on a
+random LLaMA-2-7B-shaped model in bf16 and in one process:
+  A. peftlab `fit` over 24 batches of widths it has never seen (what gpu_bench.py times);
+  B. the same epoch again, every width now seen;
+  C. widths rounded up to a multiple of 64 (peftlab.train.loop.CUDA_PAD_MULTIPLE), fresh rows;
+  D. C's epoch again;
+  E. the Trainer + peft peer on A's rows;
+and the same A, C and E in a child process whose CUDA caching allocator uses expandable segments.
+For each: tokens/s (real tokens, padding not counted), the caching allocator's counters over the run
+(cudaMalloc and cudaFree calls, allocation retries, peak reserved memory), and per step the GPU
+time between consecutive forward passes (CUDA events) and the host time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import (LABEL_IDS, bench_trainer_peer, random_model, synthetic_examples, sync,  # noqa: E402
+                       write_report)
+
+from peftlab.config import MethodConfig, TrainConfig  # noqa: E402
+from peftlab.evaluate.scoring import build_rows  # noqa: E402
+from peftlab.models import attach_method  # noqa: E402
+from peftlab.models.methods import detach_method  # noqa: E402
+from peftlab.train import loop  # noqa: E402
+
+COUNTERS = ["num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"]
+
+
+def allocator_counters() -> dict:
+    stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    return {k: stats.get(k, 0) for k in COUNTERS}
+
+
+class StepClock:
+    """CUDA events and host times at every forward pass of the model: per-step time without syncing."""
+
+    def __init__(self, model):
+        self.events, self.host, self.widths = [], [], []
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.widths.append(int(ids.shape[1]))
+        self.host.append(time.perf_counter())
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def steps(self) -> list[dict]:
+        self.handle.remove()
+        self.hook(None, (), {"input_ids": torch.zeros(1, 0)})  # the end of the last step
+        out = []
+        for i in range(len(self.widths) - 1):
+            gpu = self.events[i].elapsed_time(self.events[i + 1]) if self.events else float("nan")
+            out.append({"width": self.widths[i], "gpu_ms": round(gpu, 1),
+                        "host_ms": round(1000 * (self.host[i + 1] - self.host[i]), 1)})
+        return out
+
+
+def timed_fit(model, examples, batch_size: int, pad_multiple: int, label: str) -> dict:
+    loop.CUDA_PAD_MULTIPLE = pad_multiple
+    rows = build_rows(examples, LABEL_IDS, gold_only=True)
+    gold = [e.label for e in examples]
+    cfg = TrainConfig(epochs=1, lr=5e-4, batch_size=batch_size)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    before = allocator_counters()
+    clock = StepClock(model)
+    sync()
+    start = time.perf_counter()
+    history = loop.fit(model, rows, gold, 2, 0, 0, cfg, 5e-4, progress=False)
+    sync()
+    seconds = time.perf_counter() - start
+    steps = clock.steps()
+    after = allocator_counters()
+    result = {"label": label, "pad_multiple": pad_multiple, "tokens": history[0].tokens, "seconds": seconds,
+              "tokens_per_s": history[0].tokens / seconds,
+              "allocator": {k: after[k] - before[k] for k in COUNTERS},
+              "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
+              "peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+              "distinct_widths": len({s["width"] for s in steps}), "steps": steps}
+    print(json.dumps({k: v for k, v in result.items() if k != "steps"}), flush=True)
+    return result
+
+
+def peer(model, examples, batch_size: int, steps: int) -> dict:
+    before = allocator_counters()
+    result = bench_trainer_peer(model, examples, batch_size, steps)
+    after = allocator_counters()
+    result["allocator"] = {k: after[k] - before[k] for k in COUNTERS}
+    result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def run(shape: str, batch_size: int, steps: int, full: bool) -> dict:
+    report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (cpu smoke test)",
+              "torch": torch.__version__, "shape": shape, "batch_size": batch_size, "steps": steps,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+              "sdp": {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                      "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                      "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}}
+    model = random_model(shape)
+    n = batch_size * steps
+    rows_a, rows_c = synthetic_examples(n, 512, 1), synthetic_examples(n, 512, 2)
+    peft_model = attach_method(model, MethodConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.1), seed=0)
+    timed_fit(peft_model, synthetic_examples(2 * batch_size, 512, 0), batch_size, 1, "warm-up")  # as gpu_bench
+    runs = [timed_fit(peft_model, rows_a, batch_size, 1, "A fresh widths")]
+    if full:
+        runs.append(timed_fit(peft_model, rows_a, batch_size, 1, "B same widths again"))
+    runs.append(timed_fit(peft_model, rows_c, batch_size, 64, "C fresh, padded to 64"))
+    if full:
+        runs.append(timed_fit(peft_model, rows_c, batch_size, 64, "D padded to 64 again"))
+    report["peftlab"] = runs
+    detach_method(peft_model)
+    report["trainer_peer"] = peer(model, rows_a, batch_size, steps)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama2-7b")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--child", action="store_true", help="internal: the expandable-segments run")
+    parser.add_argument("--no-child", action="store_true", help="skip the expandable-segments run")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.child:
+        print("CHILD " + json.dumps(run(args.shape, args.batch_size, args.steps, full=False)), flush=True)
+        return
+    report = {"date": time.strftime("%Y-%m-%d"), "default_allocator": run(args.shape, args.batch_size, args.steps, True)}
+    write_report(report, args.out, f"gpu_shapes_{args.shape}.json")  # kept if the child run fails
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the child needs the GPU's memory
+    if not args.no_child:
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+        child = subprocess.run([sys.executable, __file__, "--child", "--shape", args.shape, "--batch-size",
+                                str(args.batch_size), "--steps", str(args.steps)], env=env, capture_output=True,
+                               text=True)
+        sys.stderr.write(child.stderr[-4000:])
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("CHILD ")]
+        report["expandable_segments"] = json.loads(lines[-1][6:]) if lines else {"error": child.stdout[-2000:]}
+    write_report(report, args.out, f"gpu_shapes_{args.shape}.json")
+
+
+if __name__ == "__main__":
+    main()
