@@ -9,10 +9,11 @@ row, which with reviews cut at 512 tokens is nearly always the same width. This 
 random LLaMA-2-7B-shaped model in bf16 and in one process:
   A. peftlab `fit` over 24 batches of widths it has never seen (what gpu_bench.py times);
   B. the same epoch again, every width now seen;
-  C. widths rounded up to a multiple of 64 (peftlab.train.loop.CUDA_PAD_MULTIPLE), fresh rows;
+  C. widths rounded up to a multiple of 64 (peftlab.evaluate.scoring.CUDA_PAD_MULTIPLE), fresh rows;
   D. C's epoch again;
   E. the Trainer + peft peer on A's rows;
-and the same A, C and E in a child process whose CUDA caching allocator uses expandable segments.
+and the same A, C and E in a child process with the other setting of the CUDA caching allocator's
+expandable segments (peftlab turns them on at import unless PYTORCH_CUDA_ALLOC_CONF says otherwise).
 For each: tokens/s (real tokens, padding not counted), the caching allocator's counters over the run
 (cudaMalloc and cudaFree calls, allocation retries, peak reserved memory), and per step the GPU
 time between consecutive forward passes (CUDA events) and the host time.
@@ -36,6 +37,7 @@ from gpu_bench import (LABEL_IDS, bench_trainer_peer, random_model, synthetic_ex
                        write_report)
 
 from peftlab.config import MethodConfig, TrainConfig  # noqa: E402
+from peftlab.evaluate import scoring  # noqa: E402
 from peftlab.evaluate.scoring import build_rows  # noqa: E402
 from peftlab.models import attach_method  # noqa: E402
 from peftlab.models.methods import detach_method  # noqa: E402
@@ -77,7 +79,7 @@ class StepClock:
 
 
 def timed_fit(model, examples, batch_size: int, pad_multiple: int, label: str) -> dict:
-    loop.CUDA_PAD_MULTIPLE = pad_multiple
+    scoring.CUDA_PAD_MULTIPLE = pad_multiple
     rows = build_rows(examples, LABEL_IDS, gold_only=True)
     gold = [e.label for e in examples]
     cfg = TrainConfig(epochs=1, lr=5e-4, batch_size=batch_size)
@@ -112,14 +114,20 @@ def peer(model, examples, batch_size: int, steps: int) -> dict:
     return result
 
 
-def run(shape: str, batch_size: int, steps: int, full: bool) -> dict:
+def run(shape: str, batch_size: int, steps: int, full: bool, cudnn_sdp: bool) -> dict:
     report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (cpu smoke test)",
               "torch": torch.__version__, "shape": shape, "batch_size": batch_size, "steps": steps,
               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
               "sdp": {"flash": torch.backends.cuda.flash_sdp_enabled(),
                       "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                       "cudnn": torch.backends.cuda.cudnn_sdp_enabled()}}
+    if cudnn_sdp:  # peftlab leaves cuDNN attention out; put it back to see what it costs
+        scoring.CUDA_SDPA_BACKENDS = ["CUDNN_ATTENTION"] + scoring.CUDA_SDPA_BACKENDS
+    report["sdp"]["peftlab_backends"] = scoring.CUDA_SDPA_BACKENDS
     model = random_model(shape)
+    if torch.cuda.is_available():
+        report["expandable_in_use"] = any(seg.get("is_expandable", False)
+                                          for seg in torch.cuda.memory._snapshot()["segments"])
     n = batch_size * steps
     rows_a, rows_c = synthetic_examples(n, 512, 1), synthetic_examples(n, 512, 2)
     peft_model = attach_method(model, MethodConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.1), seed=0)
@@ -141,26 +149,33 @@ def main() -> None:
     parser.add_argument("--shape", default="llama2-7b")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--child", action="store_true", help="internal: the expandable-segments run")
-    parser.add_argument("--no-child", action="store_true", help="skip the expandable-segments run")
+    parser.add_argument("--child", action="store_true", help="internal: the run with the other allocator setting")
+    parser.add_argument("--no-child", action="store_true", help="skip the run with the other allocator setting")
+    parser.add_argument("--cudnn-sdp", default="off", choices=["on", "off"],
+                        help="on: allow cuDNN attention in peftlab's passes (off: peftlab's default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.child:
-        print("CHILD " + json.dumps(run(args.shape, args.batch_size, args.steps, full=False)), flush=True)
+        print("CHILD " + json.dumps(run(args.shape, args.batch_size, args.steps, False, args.cudnn_sdp == "on")),
+              flush=True)
         return
-    report = {"date": time.strftime("%Y-%m-%d"), "default_allocator": run(args.shape, args.batch_size, args.steps, True)}
+    # peftlab sets expandable segments on import (unless the user set PYTORCH_CUDA_ALLOC_CONF); the
+    # child runs with the other setting.
+    report = {"date": time.strftime("%Y-%m-%d"),
+              "run": run(args.shape, args.batch_size, args.steps, True, args.cudnn_sdp == "on")}
     write_report(report, args.out, f"gpu_shapes_{args.shape}.json")  # kept if the child run fails
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the child needs the GPU's memory
     if not args.no_child:
-        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+        expandable = "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=f"expandable_segments:{not expandable}")
         child = subprocess.run([sys.executable, __file__, "--child", "--shape", args.shape, "--batch-size",
-                                str(args.batch_size), "--steps", str(args.steps)], env=env, capture_output=True,
+                                str(args.batch_size), "--steps", str(args.steps), "--cudnn-sdp", args.cudnn_sdp], env=env, capture_output=True,
                                text=True)
         sys.stderr.write(child.stderr[-4000:])
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("CHILD ")]
-        report["expandable_segments"] = json.loads(lines[-1][6:]) if lines else {"error": child.stdout[-2000:]}
+        report["child"] = json.loads(lines[-1][6:]) if lines else {"error": child.stdout[-2000:]}
     write_report(report, args.out, f"gpu_shapes_{args.shape}.json")
 
 

@@ -81,6 +81,22 @@ def adapter_autocast(model, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+# Attention kernels allowed on a GPU. cuDNN's is left out: it builds a plan for every batch shape it
+# has not seen (~130 ms on an H100 for a 7B model's forward and backward), and length-grouped batches
+# bring a new shape almost every step; the memory-efficient kernel ran as fast once shapes repeat.
+# 7B LoRA training over 24 fresh batch widths: 8,043 tok/s with cuDNN, 11,446 without, 11,830 with
+# every width already seen (bench/gpu_shapes.py, bench/RESULTS.md).
+CUDA_SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+
+
+def attention_kernels(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in CUDA_SDPA_BACKENDS])
+
+
 @dataclass
 class SharedPrefix:
     """The KV cache of the prompt prefix every row starts with, computed once per evaluation."""
@@ -129,7 +145,7 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
     flat = [(b, row) for b, rows in enumerate(batch) for row in rows]
     device = next(model.parameters()).device
     skip = prefix.length if prefix else 0  # tokens whose keys and values come from the shared prefix cache
-    width = -(-(max(len(row.seq) for _, row in flat) - skip) // pad_multiple) * pad_multiple
+    width = round_up(max(len(row.seq) for _, row in flat) - skip, pad_multiple)
     input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(flat), skip + width), dtype=torch.long)
     for r, (_, row) in enumerate(flat):
@@ -158,7 +174,7 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
                                                                  for k, v in prefix.kv]),
                  "position_ids": torch.arange(skip, skip + width, device=device).expand(n, -1)}
     # logits_to_keep: the LM head runs on the K read positions only, not on all B x T x vocab.
-    with contiguous_lm_head(model), adapter_autocast(model, device):
+    with contiguous_lm_head(model), adapter_autocast(model, device), attention_kernels(device):
         logits = model(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
                        logits_to_keep=keep_t + (offset - skip), use_cache=bool(prefix), **extra).logits  # (R, K, V)
     picked = logits[r_t, k_t].float()                                                  # (P, vocab)
@@ -166,6 +182,21 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
     per_pair = torch.zeros(len(b_idx), device=device).index_add(0, seg_t, token_lp)
     scores = torch.full((len(batch), n_classes), float("-inf"), device=device)
     return scores.index_put((b_t, c_t), per_pair)
+
+
+# Batch widths on a GPU are rounded up to a multiple of this (1: not rounded). 64 helped only while cuDNN
+# attention planned every new shape (7B LoRA over 24 fresh widths: 4,985 -> 7,544 tok/s); without cuDNN
+# (CUDA_SDPA_BACKENDS) the padded tokens are pure cost: 11,446 tok/s unpadded, 10,767 padded to 64
+# (bench/gpu_shapes.py, bench/RESULTS.md).
+CUDA_PAD_MULTIPLE = 1
+
+
+def pad_multiple_for(device: torch.device) -> int:
+    return CUDA_PAD_MULTIPLE if device.type == "cuda" else 1
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -209,7 +240,8 @@ def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, of
 
     was_training = model.training
     model.eval()
-    lengths = [example_length(r) * len(r) for r in rows]
+    pad_multiple = pad_multiple_for(next(model.parameters()).device)
+    lengths = [round_up(example_length(r), pad_multiple) * len(r) for r in rows]
     scores = torch.empty((len(rows), n_classes))
     tokens = sum(len(row.seq) + offset for r in rows for row in r)
     start = time.perf_counter()
@@ -217,7 +249,7 @@ def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, of
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         for batch in length_batches(lengths, max_examples, max_tokens):
             scores[batch] = example_scores(model, [rows[i] for i in batch], n_classes, pad_id, offset,
-                                           prefix).float().cpu()
+                                           prefix, pad_multiple).float().cpu()
             bar.update(len(batch))
     seconds = time.perf_counter() - start
     model.train(was_training)

@@ -19,12 +19,8 @@ import torch
 from peftlab.config import TrainConfig
 from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
-from peftlab.evaluate.scoring import Row, example_length, example_scores
+from peftlab.evaluate.scoring import Row, example_length, example_scores, pad_multiple_for
 from peftlab.train.checkpoint import Checkpoints, Position
-
-
-# Batch widths on a GPU are rounded up to a multiple of this (1: no rounding). Measured in bench/gpu_shapes.py.
-CUDA_PAD_MULTIPLE = 1
 
 
 class TrainingDiverged(PeftlabError):
@@ -105,7 +101,7 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
     gold_t = torch.tensor(gold)
     device = next(iter(params.values())).device
     check_every = 1 if device.type == "cpu" else 8
-    pad_multiple = CUDA_PAD_MULTIPLE if device.type == "cuda" else 1
+    pad_multiple = pad_multiple_for(device)  # few distinct batch shapes on a GPU
     rng = random.Random(config.seed)  # batch order: part of the run's seed
     pos = Position()
     if checkpoints is not None and checkpoints.loaded:
