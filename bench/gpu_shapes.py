@@ -1,9 +1,10 @@
 """Where peftlab's GPU LoRA training loses time to batch shapes it has not seen before.
 
-    PYTHONPATH=src python bench/gpu_shapes.py            # one H100, about 4 minutes
+    PYTHONPATH=src python bench/gpu_shapes.py [--cudnn-sdp on]     # one H100, about 3 minutes
 
-bench/gpu_bench.py timed peftlab's LoRA training at 0.69x the Trainer peer, while a profile over
-batches seen once already (bench/gpu_profile.py) put peftlab at 1.8x. peftlab groups batches by
+bench/gpu_bench.py once timed peftlab's LoRA training at 0.69x the Trainer peer, while a profile over
+batches seen once already (bench/gpu_profile.py) put peftlab at 1.8x; this script found why (cuDNN
+attention plans every new batch shape; bench/RESULTS.md). peftlab groups batches by
 length, so every batch of an epoch has its own width; the peer pads random batches to the longest
 row, which with reviews cut at 512 tokens is nearly always the same width. This script times, on a
 random LLaMA-2-7B-shaped model in bf16 and in one process:
@@ -13,7 +14,8 @@ random LLaMA-2-7B-shaped model in bf16 and in one process:
   D. C's epoch again;
   E. the Trainer + peft peer on A's rows;
 and the same A, C and E in a child process with the other setting of the CUDA caching allocator's
-expandable segments (peftlab turns them on at import unless PYTORCH_CUDA_ALLOC_CONF says otherwise).
+expandable segments (PYTORCH_CUDA_ALLOC_CONF). peftlab leaves cuDNN attention out of its passes
+(peftlab.evaluate.scoring.CUDA_SDPA_BACKENDS); `--cudnn-sdp on` puts it back, to see what it costs.
 For each: tokens/s (real tokens, padding not counted), the caching allocator's counters over the run
 (cudaMalloc and cudaFree calls, allocation retries, peak reserved memory), and per step the GPU
 time between consecutive forward passes (CUDA events) and the host time.
@@ -159,8 +161,7 @@ def main() -> None:
         print("CHILD " + json.dumps(run(args.shape, args.batch_size, args.steps, False, args.cudnn_sdp == "on")),
               flush=True)
         return
-    # peftlab sets expandable segments on import (unless the user set PYTORCH_CUDA_ALLOC_CONF); the
-    # child runs with the other setting.
+    # The child runs with the other setting of expandable segments.
     report = {"date": time.strftime("%Y-%m-%d"),
               "run": run(args.shape, args.batch_size, args.steps, True, args.cudnn_sdp == "on")}
     write_report(report, args.out, f"gpu_shapes_{args.shape}.json")  # kept if the child run fails

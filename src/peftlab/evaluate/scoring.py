@@ -82,10 +82,11 @@ def adapter_autocast(model, device: torch.device):
 
 
 # Attention kernels allowed on a GPU. cuDNN's is left out: it builds a plan for every batch shape it
-# has not seen (~130 ms on an H100 for a 7B model's forward and backward), and length-grouped batches
-# bring a new shape almost every step; the memory-efficient kernel ran as fast once shapes repeat.
-# 7B LoRA training over 24 fresh batch widths: 8,043 tok/s with cuDNN, 11,446 without, 11,830 with
-# every width already seen (bench/gpu_shapes.py, bench/RESULTS.md).
+# has not seen (~130 ms for a 7B model's forward and backward on an H100, and with the default CUDA
+# allocator some steps stalled 1.4-2.4 s), and length-grouped batches bring a new shape almost every
+# step, while the memory-efficient kernel runs as fast once shapes repeat. 7B LoRA training over 24
+# fresh batch widths: 4,985 tok/s with cuDNN, 10,824-11,446 without, 11,592-11,935 with every width
+# already seen; evaluation 25,141 -> 31,565 tok/s (bench/gpu_shapes.py, bench/gpu_bench.py, RESULTS.md).
 CUDA_SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 
 
@@ -185,9 +186,8 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
 
 
 # Batch widths on a GPU are rounded up to a multiple of this (1: not rounded). 64 helped only while cuDNN
-# attention planned every new shape (7B LoRA over 24 fresh widths: 4,985 -> 7,544 tok/s); without cuDNN
-# (CUDA_SDPA_BACKENDS) the padded tokens are pure cost: 11,446 tok/s unpadded, 10,767 padded to 64
-# (bench/gpu_shapes.py, bench/RESULTS.md).
+# attention planned every new shape (4,985 -> 7,544 tok/s); without it the padded tokens are pure cost
+# (10,706-10,767 tok/s padded to 64 against 11,254-11,446 unpadded; bench/gpu_shapes.py).
 CUDA_PAD_MULTIPLE = 1
 
 
