@@ -106,28 +106,44 @@ class SharedPrefix:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim)
 
 
-@torch.inference_mode()
-def shared_prefix(model, rows: list[list[Row]], offset: int, min_length: int = 8) -> SharedPrefix | None:
-    """Run the common prefix of all rows once (the template's instruction part, ~45 tokens of Alpaca).
+def can_share_prefix(model, offset: int) -> bool:
+    """Not for prompt learning (offset > 0): peft prepends its virtual tokens inside forward, in front of
+    any cache, so the rows' own first tokens are not where a cache would put them."""
+    return not offset and not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
 
-    Not for prompt learning (offset > 0): peft prepends its virtual tokens inside forward, in front of
-    any cache. The prefix stops before the first scored position of any row.
-    """
-    if offset or not rows or getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        return None
+
+def common_prefix_length(rows: list[list[Row]], min_length: int = 8) -> int:
+    """How many first tokens every row shares (the template's instruction part, ~45 tokens of Alpaca),
+    stopping before the first scored position of any row; 0 when fewer than `min_length`."""
+    if not rows:
+        return 0
     first = rows[0][0].seq
     length = min(min(row.positions[0] for r in rows for row in r), len(first))
     for r in rows:
         for row in r:
             while length and row.seq[:length] != first[:length]:
                 length -= 1
-    if length < min_length:
-        return None
+    return length if length >= min_length else 0
+
+
+def prefix_cache(model, ids: list[int]) -> SharedPrefix:
+    """One forward pass over `ids` (a batch of one); its keys and values stand for every row's prefix.
+
+    Under autograd (training) the cache keeps its graph: the rows' gradients flow back through the one
+    pass, summed over the batch, so a step computes the prefix once instead of once per example.
+    """
     device = next(model.parameters()).device
-    with adapter_autocast(model, device):
-        out = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1)
+    with adapter_autocast(model, device), attention_kernels(device):
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
     cache = out.get("cache") or out.get("past_key_values")  # renamed to `cache` in transformers 5.24
-    return SharedPrefix(length, [(layer.keys, layer.values) for layer in cache.layers])
+    return SharedPrefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers])
+
+
+@torch.inference_mode()
+def shared_prefix(model, rows: list[list[Row]], offset: int, min_length: int = 8) -> SharedPrefix | None:
+    """The cache of the prefix all rows share, computed once for a whole evaluation (None: nothing shared)."""
+    length = common_prefix_length(rows, min_length) if can_share_prefix(model, offset) else 0
+    return prefix_cache(model, rows[0][0].seq[:length]) if length else None
 
 
 def cache_argument(model) -> str:

@@ -19,7 +19,8 @@ import torch
 from peftlab.config import TrainConfig
 from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
-from peftlab.evaluate.scoring import Row, example_length, example_scores, pad_multiple_for
+from peftlab.evaluate.scoring import (Row, can_share_prefix, common_prefix_length, example_length, example_scores,
+                                     pad_multiple_for, prefix_cache)
 from peftlab.train.checkpoint import Checkpoints, Position
 
 
@@ -58,8 +59,10 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 
 def batch_loss(model, batch: list[list[Row]], gold: torch.Tensor, n_classes: int, pad_id: int, offset: int,
-               loss: str, pad_multiple: int = 1) -> torch.Tensor:
-    scores = example_scores(model, batch, n_classes, pad_id, offset, pad_multiple=pad_multiple)
+               loss: str, pad_multiple: int = 1, prefix_ids: list[int] | None = None) -> torch.Tensor:
+    # The prompt prefix every row shares runs once per batch, not once per row (its cache keeps the graph).
+    prefix = prefix_cache(model, prefix_ids) if prefix_ids else None
+    scores = example_scores(model, batch, n_classes, pad_id, offset, prefix, pad_multiple)
     if loss == "classes":
         return torch.nn.functional.cross_entropy(scores, gold.to(scores.device))
     return -scores.gather(1, gold.to(scores.device)[:, None]).mean()
@@ -78,16 +81,31 @@ def check_loss(pending: torch.Tensor, pos: Position, checked: int, step: int, ep
     return step
 
 
+def training_prefix(model, rows: list[list[Row]], offset: int, config: TrainConfig, cluster: Cluster
+                    ) -> list[int] | None:
+    """The prompt prefix all training rows share, to run once per batch; None where that cannot be done.
+
+    Not with gradient checkpointing (transformers turns the cache off under it) nor FSDP (a second
+    forward per step would gather the sharded weights twice). LoRA dropout on the prefix then draws one
+    mask per batch instead of one per example (dropout 0: the same gradients as without sharing).
+    """
+    if config.gradient_checkpointing or cluster.strategy == "fsdp" or not can_share_prefix(model, offset):
+        return None
+    length = common_prefix_length(rows)
+    return rows[0][0].seq[:length] if length else None
+
+
 def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: int, offset: int,
         config: TrainConfig, lr: float, on_epoch_end: Callable[[int], dict] | None = None,
-        progress: bool = True, checkpoints: Checkpoints | None = None, cluster: Cluster = SINGLE
-        ) -> list[EpochRecord]:
+        progress: bool = True, checkpoints: Checkpoints | None = None, cluster: Cluster = SINGLE,
+        share_prefix: bool = True) -> list[EpochRecord]:
     """Train the trainable parameters of `model`; evaluate through `on_epoch_end` after each epoch.
 
     With `checkpoints`, the whole state is saved every `checkpoint_every` optimiser steps and after
     each epoch; if `checkpoints` has loaded a checkpoint, training continues from it and ends as the
     uninterrupted run would (bitwise on CPU). With several processes (`cluster`), each batch is split
-    across them and the adapter's gradients are summed (peftlab.distributed).
+    across them and the adapter's gradients are summed (peftlab.distributed). With `share_prefix`, the
+    prompt prefix all rows share is computed once per batch (`training_prefix`).
     """
     from tqdm.auto import tqdm
 
@@ -101,7 +119,8 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
     gold_t = torch.tensor(gold)
     device = next(iter(params.values())).device
     check_every = 1 if device.type == "cpu" else 8
-    pad_multiple = pad_multiple_for(device)  # few distinct batch shapes on a GPU
+    pad_multiple = pad_multiple_for(device)
+    prefix_ids = training_prefix(model, rows, offset, config, cluster) if share_prefix else None
     rng = random.Random(config.seed)  # batch order: part of the run's seed
     pos = Position()
     if checkpoints is not None and checkpoints.loaded:
@@ -119,7 +138,7 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
             batch, share = cluster.shard_batch(batches[step - 1])  # this process's part: all of it alone
             counted = len(batch) if share else 0                   # a 0-share stand-in counts nothing
             loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], n_classes, pad_id, offset, config.loss,
-                              pad_multiple)
+                              pad_multiple, prefix_ids)
             (loss * share / config.grad_accum).backward()
             pending += loss.detach().double() * counted
             pos.batch, pos.seen = step, pos.seen + counted
