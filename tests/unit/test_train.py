@@ -87,7 +87,7 @@ def test_a_shared_prompt_prefix_gives_the_gradients_of_one_pass_per_row(tiny, me
     assert any(g.abs().sum() > 0 for g in shared_grads)
 
 
-def test_no_training_prefix_for_prompt_tuning_or_checkpointing(tiny):
+def test_no_training_prefix_with_dropout_prompt_tuning_or_checkpointing(tiny):
     from peftlab.config import MethodConfig, PromptConfig, TrainConfig
     from peftlab.evaluate.scoring import build_rows
     from peftlab.models import attach_method
@@ -99,9 +99,19 @@ def test_no_training_prefix_for_prompt_tuning_or_checkpointing(tiny):
     model, tok = tiny
     enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64), CLASSES, True)
     rows = build_rows(enc.encode(examples(), tok), enc.label_ids, gold_only=True)
-    lora = attach_method(model, MethodConfig(method="lora"), seed=0)
+    lora = attach_method(model, MethodConfig(method="lora", lora_dropout=0.0), seed=0)
     assert training_prefix(lora, rows, 0, TrainConfig(gradient_checkpointing=True), SINGLE) is None
     assert training_prefix(lora, rows, 0, TrainConfig(), SINGLE) == enc.prefix_ids
     lora.unload()
+    # Dropout anywhere (the adapter's, the base's attention): one prefix pass would share one mask.
+    with_dropout = attach_method(model, MethodConfig(method="lora", lora_dropout=0.1), seed=0)
+    assert training_prefix(with_dropout, rows, 0, TrainConfig(), SINGLE) is None
+    with_dropout.unload()
+    model.config.attention_dropout = 0.1
+    ia3 = attach_method(model, MethodConfig(method="ia3"), seed=0)
+    assert training_prefix(ia3, rows, 0, TrainConfig(), SINGLE) is None
+    model.config.attention_dropout = 0.0
+    assert training_prefix(ia3, rows, 0, TrainConfig(), SINGLE) == enc.prefix_ids
+    ia3.unload()
     prompt = attach_method(model, MethodConfig(method="prompt-tuning", virtual_tokens=4, prompt_init="vocab"), seed=0)
     assert training_prefix(prompt, rows, 4, TrainConfig(), SINGLE) is None
