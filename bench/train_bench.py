@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--max-input-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--methods", default="lora,prompt-tuning")
+    parser.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default: peftlab's, 0.1)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -86,6 +87,8 @@ def main() -> None:
         layer = {"data.source": args.data, "data.n_train": args.n_train, "data.n_test": args.n_test,
                  "prompt.max_input_tokens": args.max_input_tokens, "train.epochs": 1,
                  "train.batch_size": args.batch_size, "method.method": method, "out": f"/tmp/train-bench/{method}"}
+        if args.lora_dropout is not None and method == "lora":
+            layer["method.lora_dropout"] = args.lora_dropout
         cfg = build_config(layer)
         model, tokenizer = load_base_model(cfg.model)  # bf16 on a CPU with AVX512-BF16
         with PeakRSS() as mem:
@@ -104,6 +107,7 @@ def main() -> None:
         peer_metrics, _, _ = evaluate_examples(peer_model, tokenizer, task.encoder, task.test, cfg, progress=False)
         theirs = {"tokens_per_s": peer["tokens_per_s"], "train_seconds": peer["seconds"],
                   "peak_extra_rss_mb": mem.extra_mb, "accuracy": peer_metrics["accuracy"]}
+        report["lora_dropout"] = cfg.method.lora_dropout
         report["results"][method] = {"peftlab": ours, "trainer_peer": theirs,
                                      "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"]}
         print(json.dumps({method: report["results"][method]}, indent=2), flush=True)
