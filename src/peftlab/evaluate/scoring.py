@@ -100,7 +100,8 @@ def attention_kernels(device: torch.device):
 
 @dataclass
 class SharedPrefix:
-    """The KV cache of the prompt prefix every row starts with, computed once per evaluation."""
+    """The KV cache of the prompt prefix every row starts with: computed once per evaluation, or once per
+    training batch with its graph kept (peftlab.train.loop.training_prefix)."""
 
     length: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim)
