@@ -10,15 +10,15 @@ row, which with reviews cut at 512 tokens is nearly always the same width. This 
 random LLaMA-2-7B-shaped model in bf16 and in one process:
   A. peftlab `fit` over 24 batches of widths it has never seen (what gpu_bench.py times);
   B. the same epoch again, every width now seen;
-  C. widths rounded up to a multiple of 64 (peftlab.evaluate.scoring.CUDA_PAD_MULTIPLE), fresh rows;
-  D. C's epoch again;
   E. the Trainer + peft peer on A's rows;
-and the same A, C and E in a child process with the other setting of the CUDA caching allocator's
+and the same A and E in a child process with the other setting of the CUDA caching allocator's
 expandable segments (PYTORCH_CUDA_ALLOC_CONF). peftlab leaves cuDNN attention out of its passes
 (peftlab.evaluate.scoring.CUDA_SDPA_BACKENDS); `--cudnn-sdp on` puts it back, to see what it costs.
 For each: tokens/s (real tokens, padding not counted), the caching allocator's counters over the run
 (cudaMalloc and cudaFree calls, allocation retries, peak reserved memory), and per step the GPU
-time between consecutive forward passes (CUDA events) and the host time.
+time between consecutive forward passes (CUDA events) and the host time. (The runs recorded in
+bench/RESULTS.md also timed C and D, widths rounded up to a multiple of 64, with the script of commit
+423f433; peftlab dropped that option once it was measured to cost 6 % without cuDNN.)
 """
 
 from __future__ import annotations
@@ -80,8 +80,7 @@ class StepClock:
         return out
 
 
-def timed_fit(model, examples, batch_size: int, pad_multiple: int, label: str) -> dict:
-    scoring.CUDA_PAD_MULTIPLE = pad_multiple
+def timed_fit(model, examples, batch_size: int, label: str) -> dict:
     rows = build_rows(examples, LABEL_IDS, gold_only=True)
     gold = [e.label for e in examples]
     cfg = TrainConfig(epochs=1, lr=5e-4, batch_size=batch_size)
@@ -96,7 +95,7 @@ def timed_fit(model, examples, batch_size: int, pad_multiple: int, label: str) -
     seconds = time.perf_counter() - start
     steps = clock.steps()
     after = allocator_counters()
-    result = {"label": label, "pad_multiple": pad_multiple, "tokens": history[0].tokens, "seconds": seconds,
+    result = {"label": label, "tokens": history[0].tokens, "seconds": seconds,
               "tokens_per_s": history[0].tokens / seconds,
               "allocator": {k: after[k] - before[k] for k in COUNTERS},
               "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
@@ -131,15 +130,12 @@ def run(shape: str, batch_size: int, steps: int, full: bool, cudnn_sdp: bool) ->
         report["expandable_in_use"] = any(seg.get("is_expandable", False)
                                           for seg in torch.cuda.memory._snapshot()["segments"])
     n = batch_size * steps
-    rows_a, rows_c = synthetic_examples(n, 512, 1), synthetic_examples(n, 512, 2)
+    rows_a = synthetic_examples(n, 512, 1)
     peft_model = attach_method(model, MethodConfig(method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.1), seed=0)
-    timed_fit(peft_model, synthetic_examples(2 * batch_size, 512, 0), batch_size, 1, "warm-up")  # as gpu_bench
-    runs = [timed_fit(peft_model, rows_a, batch_size, 1, "A fresh widths")]
+    timed_fit(peft_model, synthetic_examples(2 * batch_size, 512, 0), batch_size, "warm-up")  # as gpu_bench
+    runs = [timed_fit(peft_model, rows_a, batch_size, "A fresh widths")]
     if full:
-        runs.append(timed_fit(peft_model, rows_a, batch_size, 1, "B same widths again"))
-    runs.append(timed_fit(peft_model, rows_c, batch_size, 64, "C fresh, padded to 64"))
-    if full:
-        runs.append(timed_fit(peft_model, rows_c, batch_size, 64, "D padded to 64 again"))
+        runs.append(timed_fit(peft_model, rows_a, batch_size, "B same widths again"))
     report["peftlab"] = runs
     detach_method(peft_model)
     report["trainer_peer"] = peer(model, rows_a, batch_size, steps)

@@ -125,19 +125,6 @@ def test_no_shared_prefix_for_prompt_tuning(tiny):
     assert shared_prefix(model, rows, position_offset(model)) is None
 
 
-@pytest.mark.parametrize("method", methods()[:3], ids=["zero-shot", "lora", "prompt-tuning"])
-def test_padding_widths_to_a_multiple_leaves_the_scores_unchanged(tiny, method):
-    model, tok = tiny
-    model = with_method(model, method)
-    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64), CLASSES, True)
-    rows = build_rows(enc.encode(examples(), tok), enc.label_ids)
-    offset = position_offset(model)
-    with torch.no_grad():
-        plain = example_scores(model, rows, 2, tok.pad_token_id, offset)
-        padded = example_scores(model, rows, 2, tok.pad_token_id, offset, pad_multiple=48)
-    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-4)
-
-
 def test_gpu_attention_leaves_out_cudnn_and_restores_the_settings():
     from peftlab.evaluate.scoring import attention_kernels
 

@@ -87,6 +87,8 @@ def adapter_autocast(model, device: torch.device):
 # step, while the memory-efficient kernel runs as fast once shapes repeat. 7B LoRA training over 24
 # fresh batch widths: 4,985 tok/s with cuDNN, 10,824-11,446 without, 11,592-11,935 with every width
 # already seen; evaluation 25,141 -> 31,565 tok/s (bench/gpu_shapes.py, bench/gpu_bench.py, RESULTS.md).
+# Rounding widths up to a multiple of 64 instead (fewer shapes) helped only while cuDNN was in use
+# (4,985 -> 7,544 tok/s); without it the padding cost 6 %.
 CUDA_SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
 
 
@@ -154,16 +156,12 @@ def cache_argument(model) -> str:
 
 
 def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, offset: int = 0,
-                   prefix: SharedPrefix | None = None, pad_multiple: int = 1) -> torch.Tensor:
-    """(B, C) label-word log-probabilities of a batch of examples; -inf where a class was not scored.
-
-    `pad_multiple` rounds the batch's width up to a multiple of it (the extra positions are masked
-    padding), so that a run meets a few batch shapes instead of one per length.
-    """
+                   prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """(B, C) label-word log-probabilities of a batch of examples; -inf where a class was not scored."""
     flat = [(b, row) for b, rows in enumerate(batch) for row in rows]
     device = next(model.parameters()).device
     skip = prefix.length if prefix else 0  # tokens whose keys and values come from the shared prefix cache
-    width = round_up(max(len(row.seq) for _, row in flat) - skip, pad_multiple)
+    width = max(len(row.seq) for _, row in flat) - skip
     input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(flat), skip + width), dtype=torch.long)
     for r, (_, row) in enumerate(flat):
@@ -200,20 +198,6 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
     per_pair = torch.zeros(len(b_idx), device=device).index_add(0, seg_t, token_lp)
     scores = torch.full((len(batch), n_classes), float("-inf"), device=device)
     return scores.index_put((b_t, c_t), per_pair)
-
-
-# Batch widths on a GPU are rounded up to a multiple of this (1: not rounded). 64 helped only while cuDNN
-# attention planned every new shape (4,985 -> 7,544 tok/s); without it the padded tokens are pure cost
-# (10,706-10,767 tok/s padded to 64 against 11,254-11,446 unpadded; bench/gpu_shapes.py).
-CUDA_PAD_MULTIPLE = 1
-
-
-def pad_multiple_for(device: torch.device) -> int:
-    return CUDA_PAD_MULTIPLE if device.type == "cuda" else 1
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -257,8 +241,7 @@ def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, of
 
     was_training = model.training
     model.eval()
-    pad_multiple = pad_multiple_for(next(model.parameters()).device)
-    lengths = [round_up(example_length(r), pad_multiple) * len(r) for r in rows]
+    lengths = [example_length(r) * len(r) for r in rows]
     scores = torch.empty((len(rows), n_classes))
     tokens = sum(len(row.seq) + offset for r in rows for row in r)
     start = time.perf_counter()
@@ -266,7 +249,7 @@ def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, of
     with tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         for batch in length_batches(lengths, max_examples, max_tokens):
             scores[batch] = example_scores(model, [rows[i] for i in batch], n_classes, pad_id, offset,
-                                           prefix, pad_multiple).float().cpu()
+                                           prefix).float().cpu()
             bar.update(len(batch))
     seconds = time.perf_counter() - start
     model.train(was_training)

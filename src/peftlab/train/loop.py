@@ -20,7 +20,7 @@ from peftlab.config import TrainConfig
 from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
 from peftlab.evaluate.scoring import (Row, can_share_prefix, common_prefix_length, example_length, example_scores,
-                                     pad_multiple_for, prefix_cache)
+                                     prefix_cache)
 from peftlab.train.checkpoint import Checkpoints, Position
 
 
@@ -59,10 +59,10 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 
 def batch_loss(model, batch: list[list[Row]], gold: torch.Tensor, n_classes: int, pad_id: int, offset: int,
-               loss: str, pad_multiple: int = 1, prefix_ids: list[int] | None = None) -> torch.Tensor:
+               loss: str, prefix_ids: list[int] | None = None) -> torch.Tensor:
     # The prompt prefix every row shares runs once per batch, not once per row (its cache keeps the graph).
     prefix = prefix_cache(model, prefix_ids) if prefix_ids else None
-    scores = example_scores(model, batch, n_classes, pad_id, offset, prefix, pad_multiple)
+    scores = example_scores(model, batch, n_classes, pad_id, offset, prefix)
     if loss == "classes":
         return torch.nn.functional.cross_entropy(scores, gold.to(scores.device))
     return -scores.gather(1, gold.to(scores.device)[:, None]).mean()
@@ -132,7 +132,6 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
     gold_t = torch.tensor(gold)
     device = next(iter(params.values())).device
     check_every = 1 if device.type == "cpu" else 8
-    pad_multiple = pad_multiple_for(device)
     prefix_ids = training_prefix(model, rows, offset, config, cluster) if share_prefix else None
     rng = random.Random(config.seed)  # batch order: part of the run's seed
     pos = Position()
@@ -151,7 +150,7 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
             batch, share = cluster.shard_batch(batches[step - 1])  # this process's part: all of it alone
             counted = len(batch) if share else 0                   # a 0-share stand-in counts nothing
             loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], n_classes, pad_id, offset, config.loss,
-                              pad_multiple, prefix_ids)
+                              prefix_ids)
             (loss * share / config.grad_accum).backward()
             pending += loss.detach().double() * counted
             pos.batch, pos.seen = step, pos.seen + counted
