@@ -100,26 +100,34 @@ def test_score_examples_counts_tokens(tiny):
     assert result.tokens >= sum(len(e.prompt_ids) for e in encoded)
 
 
-@pytest.mark.parametrize("method", [None, MethodConfig(method="lora", lora_dropout=0.0)], ids=["zero-shot", "lora"])
-def test_shared_prefix_cache_gives_the_same_scores(tiny, method):
+@pytest.mark.parametrize("method", [None, MethodConfig(method="lora", lora_dropout=0.0),
+                                    MethodConfig(method="prompt-tuning", virtual_tokens=5, prompt_init="vocab"),
+                                    MethodConfig(method="p-tuning", virtual_tokens=3)],
+                         ids=["zero-shot", "lora", "prompt-tuning", "p-tuning"])
+@pytest.mark.parametrize("words", [None, {"negative": "negative sentiment", "positive": "positive vibes"}],
+                         ids=["single-token", "multi-token"])
+def test_shared_prefix_cache_gives_the_same_scores(tiny, method, words):
     from peftlab.evaluate.scoring import shared_prefix
 
     model, tok = tiny
     model = with_method(model, method)
-    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64), CLASSES, True)
+    offset = position_offset(model)
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64, label_words=words), CLASSES, True)
     rows = build_rows(enc.encode(examples(), tok), enc.label_ids)
-    prefix = shared_prefix(model, rows, 0)
+    prefix = shared_prefix(model, rows, offset)
     assert prefix is not None and prefix.length == len(enc.prefix_ids)  # the whole instruction part
-    shared = score_examples(model, rows, 2, tok.pad_token_id, 0, 4, 10_000, False, share_prefix=True)
-    plain = score_examples(model, rows, 2, tok.pad_token_id, 0, 4, 10_000, False, share_prefix=False)
+    assert prefix.virtual == (offset if method and method.method != "lora" else 0)
+    shared = score_examples(model, rows, 2, tok.pad_token_id, offset, 4, 10_000, False, share_prefix=True)
+    plain = score_examples(model, rows, 2, tok.pad_token_id, offset, 4, 10_000, False, share_prefix=False)
     torch.testing.assert_close(shared.scores, plain.scores, rtol=1e-4, atol=1e-4)
 
 
-def test_no_shared_prefix_for_prompt_tuning(tiny):
+def test_no_shared_prefix_for_prefix_tuning(tiny):
+    """Prefix tuning brings its own cache in front of every row: peftlab does not split its forward."""
     from peftlab.evaluate.scoring import shared_prefix
 
     model, tok = tiny
-    model = with_method(model, MethodConfig(method="prompt-tuning", virtual_tokens=4, prompt_init="vocab"))
+    model = with_method(model, MethodConfig(method="prefix-tuning", virtual_tokens=4))
     enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=64), CLASSES, True)
     rows = build_rows(enc.encode(examples(), tok), enc.label_ids)
     assert shared_prefix(model, rows, position_offset(model)) is None

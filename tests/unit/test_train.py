@@ -49,19 +49,21 @@ def test_a_nan_loss_stops_training_with_a_reason(tiny_model_dir, imdb_dir, tmp_p
     assert not (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt-tuning", "p-tuning"])
 def test_a_shared_prompt_prefix_gives_the_gradients_of_one_pass_per_row(tiny, method):
     """The prefix runs once per batch with its graph kept: loss and gradients equal full passes (dropout 0)."""
     from peftlab.config import MethodConfig, PromptConfig, TrainConfig
     from peftlab.evaluate.scoring import build_rows
-    from peftlab.models import attach_method
+    from peftlab.models import attach_method, position_offset
     from peftlab.prompts import build_prompt_encoder
     from peftlab.distributed import SINGLE
     from peftlab.train.loop import batch_loss, training_prefix
     from tests.unit.test_scoring import CLASSES, examples
 
     model, tok = tiny
-    model = attach_method(model, MethodConfig(method=method, lora_dropout=0.0), seed=0)
+    model = attach_method(model, MethodConfig(method=method, lora_dropout=0.0, virtual_tokens=4, prompt_init="vocab"),
+                          seed=0)
+    offset = position_offset(model)
     with torch.no_grad():  # LoRA starts as the identity (B = 0): make every adapter weight matter
         for p in model.parameters():
             if p.requires_grad:
@@ -71,13 +73,13 @@ def test_a_shared_prompt_prefix_gives_the_gradients_of_one_pass_per_row(tiny, me
     encoded = enc.encode(examples(), tok)
     rows = build_rows(encoded, enc.label_ids, gold_only=True)
     gold = torch.tensor([e.label for e in encoded])
-    prefix_ids = training_prefix(model, rows, 0, TrainConfig(), SINGLE)
+    prefix_ids = training_prefix(model, rows, offset, TrainConfig(), SINGLE)
     assert prefix_ids == enc.prefix_ids  # the whole instruction part is shared
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for ids in (None, prefix_ids):
         model.zero_grad()
-        loss = batch_loss(model, rows, gold, 2, tok.pad_token_id, 0, "lm", prefix_ids=ids)
+        loss = batch_loss(model, rows, gold, 2, tok.pad_token_id, offset, "lm", prefix_ids=ids)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in params]))
     (plain_loss, plain_grads), (shared_loss, shared_grads) = results
@@ -87,10 +89,10 @@ def test_a_shared_prompt_prefix_gives_the_gradients_of_one_pass_per_row(tiny, me
     assert any(g.abs().sum() > 0 for g in shared_grads)
 
 
-def test_no_training_prefix_with_dropout_prompt_tuning_or_checkpointing(tiny):
+def test_no_training_prefix_with_dropout_prefix_tuning_or_checkpointing(tiny):
     from peftlab.config import MethodConfig, PromptConfig, TrainConfig
     from peftlab.evaluate.scoring import build_rows
-    from peftlab.models import attach_method
+    from peftlab.models import attach_method, position_offset
     from peftlab.prompts import build_prompt_encoder
     from peftlab.distributed import SINGLE
     from peftlab.train.loop import training_prefix
@@ -113,5 +115,5 @@ def test_no_training_prefix_with_dropout_prompt_tuning_or_checkpointing(tiny):
     model.config.attention_dropout = 0.0
     assert training_prefix(ia3, rows, 0, TrainConfig(), SINGLE) == enc.prefix_ids
     ia3.unload()
-    prompt = attach_method(model, MethodConfig(method="prompt-tuning", virtual_tokens=4, prompt_init="vocab"), seed=0)
-    assert training_prefix(prompt, rows, 4, TrainConfig(), SINGLE) is None
+    prompt = attach_method(model, MethodConfig(method="prefix-tuning", virtual_tokens=4), seed=0)
+    assert training_prefix(prompt, rows, position_offset(prompt), TrainConfig(), SINGLE) is None

@@ -105,13 +105,28 @@ class SharedPrefix:
     """The KV cache of the prompt prefix every row starts with: computed once per evaluation, or once per
     training batch with its graph kept (peftlab.train.loop.training_prefix)."""
 
-    length: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, length, head_dim)
+    length: int   # the rows' own tokens it holds
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv_heads, virtual + length, head_dim)
+    virtual: int = 0  # prompt tuning's virtual tokens in front of them: the rows then skip peft's forward
+
+    @property
+    def cached(self) -> int:
+        return self.virtual + self.length
+
+
+def virtual_prompt_method(model) -> bool:
+    """peft prompt tuning or p-tuning: virtual token embeddings in front of the input (get_prompt)."""
+    from peft import PeftType
+
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING)
 
 
 def can_share_prefix(model, offset: int) -> bool:
-    """Not for prompt learning (offset > 0): peft prepends its virtual tokens inside forward, in front of
-    any cache, so the rows' own first tokens are not where a cache would put them."""
+    """Any method whose forward peftlab can split at the prefix: not prefix tuning and the other prompt
+    learning methods that build their own cache or take task ids (`offset` > 0 only for virtual tokens)."""
+    if virtual_prompt_method(model):
+        return True
     return not offset and not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
 
 
@@ -132,14 +147,26 @@ def common_prefix_length(rows: list[list[Row]], min_length: int = 8) -> int:
 def prefix_cache(model, ids: list[int]) -> SharedPrefix:
     """One forward pass over `ids` (a batch of one); its keys and values stand for every row's prefix.
 
-    Under autograd (training) the cache keeps its graph: the rows' gradients flow back through the one
-    pass, summed over the batch, so a step computes the prefix once instead of once per example.
+    For prompt tuning the pass runs peft's virtual tokens and then `ids` through the base model, as
+    peft's forward would (prompt embeddings in the base's dtype, positions from 0), and the rows later
+    go to the base model directly, behind this cache. Under autograd (training) the cache keeps its
+    graph: the rows' gradients flow back through the one pass, summed over the batch, so a step
+    computes the prefix once instead of once per example.
     """
     device = next(model.parameters()).device
+    ids_t = torch.tensor([ids], device=device)
+    virtual = 0
     with adapter_autocast(model, device), attention_kernels(device):
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        if virtual_prompt_method(model):
+            base = model.get_base_model()
+            embeds = base.get_input_embeddings()(ids_t)
+            prompt = model.get_prompt(batch_size=1).to(embeds.dtype)
+            virtual = prompt.shape[1]
+            out = base(inputs_embeds=torch.cat([prompt, embeds], dim=1), use_cache=True, logits_to_keep=1)
+        else:
+            out = model(input_ids=ids_t, use_cache=True, logits_to_keep=1)
     cache = out.get("cache") or out.get("past_key_values")  # renamed to `cache` in transformers 5.24
-    return SharedPrefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers])
+    return SharedPrefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers], virtual)
 
 
 @torch.inference_mode()
@@ -160,13 +187,14 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
     """(B, C) label-word log-probabilities of a batch of examples; -inf where a class was not scored."""
     flat = [(b, row) for b, rows in enumerate(batch) for row in rows]
     device = next(model.parameters()).device
-    skip = prefix.length if prefix else 0  # tokens whose keys and values come from the shared prefix cache
+    skip = prefix.length if prefix else 0  # the rows' tokens whose keys and values come from the prefix cache
+    cached = prefix.cached if prefix else 0  # positions in that cache: virtual tokens included
     width = max(len(row.seq) for _, row in flat) - skip
     input_ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(flat), skip + width), dtype=torch.long)
+    attention_mask = torch.zeros((len(flat), cached + width), dtype=torch.long)
     for r, (_, row) in enumerate(flat):
         input_ids[r, : len(row.seq) - skip] = torch.tensor(row.seq[skip:])
-        attention_mask[r, : len(row.seq)] = 1
+        attention_mask[r, : cached - skip + len(row.seq)] = 1
     keep = sorted({p for _, row in flat for p in row.positions})
     where = {p: k for k, p in enumerate(keep)}
     r_idx, k_idx, t_idx, b_idx, c_idx, seg = [], [], [], [], [], []
@@ -181,18 +209,21 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
     ints = to_device(torch.tensor(keep + r_idx + k_idx + t_idx + seg + b_idx + c_idx), device)
     keep_t, r_t, k_t, t_t, seg_t, b_t, c_t = torch.split(
         ints, [len(keep), len(r_idx), len(k_idx), len(t_idx), len(seg), len(b_idx), len(c_idx)])
-    extra = {}
+    extra, forward = {}, model
     if prefix:
         from transformers import DynamicCache
 
         n = len(flat)
         extra = {cache_argument(model): DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
                                                                  for k, v in prefix.kv]),
-                 "position_ids": torch.arange(skip, skip + width, device=device).expand(n, -1)}
-    # logits_to_keep: the LM head runs on the K read positions only, not on all B x T x vocab.
+                 "position_ids": torch.arange(cached, cached + width, device=device).expand(n, -1)}
+        if prefix.virtual:  # the virtual tokens are in the cache: peft's forward would add them again
+            forward = model.get_base_model()
+    # logits_to_keep: the LM head runs on the K read positions only, not on all B x T x vocab. Logit i is
+    # position i of the input, which starts `offset` virtual tokens before the row, or after the cache.
     with contiguous_lm_head(model), adapter_autocast(model, device), attention_kernels(device):
-        logits = model(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
-                       logits_to_keep=keep_t + (offset - skip), use_cache=bool(prefix), **extra).logits  # (R, K, V)
+        logits = forward(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
+                         logits_to_keep=keep_t + (offset - cached), use_cache=bool(prefix), **extra).logits  # (R, K, V)
     picked = logits[r_t, k_t].float()                                                  # (P, vocab)
     token_lp = torch.log_softmax(picked, dim=-1).gather(1, t_t[:, None])[:, 0]         # (P,)
     per_pair = torch.zeros(len(b_idx), device=device).index_add(0, seg_t, token_lp)

@@ -98,8 +98,8 @@ def training_prefix(model, rows: list[list[Row]], offset: int, config: TrainConf
 
     Only without dropout: one pass over the prefix would draw one dropout mask for the whole batch
     instead of one per example, a different regulariser (on a tiny model, LoRA d=0.1 learned worse
-    with it). Not with gradient checkpointing (transformers turns the cache off under it) nor FSDP (a
-    second forward per step would gather the sharded weights twice).
+    with it). Not with gradient checkpointing (transformers turns the cache off under it), FSDP (a second
+    forward per step would gather the sharded weights twice) or prefix tuning (scoring.can_share_prefix).
     """
     if (config.gradient_checkpointing or cluster.strategy == "fsdp" or not can_share_prefix(model, offset)
             or has_dropout(model)):
