@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from peftlab.config import build_config  # noqa: E402
 from peftlab.evaluate.scoring import build_rows  # noqa: E402
 from peftlab.models import attach_method, load_base_model, position_offset  # noqa: E402
+from peftlab.models.methods import prompt_init_ids  # noqa: E402
 from peftlab.repro import hardware  # noqa: E402
 from peftlab.runs import load_task  # noqa: E402
 from peftlab.train.loop import fit  # noqa: E402
@@ -47,7 +48,8 @@ def main() -> None:
     encoded = task.encoder.encode(task.train, tokenizer)
     rows = build_rows(encoded, task.encoder.label_ids, gold_only=True)
     gold = [e.label for e in encoded]
-    peft_model = attach_method(model, cfg.method, seed=0)
+    init_ids = prompt_init_ids(cfg.method, tokenizer, task.encoder.instruction, task.encoder.label_ids)
+    peft_model = attach_method(model, cfg.method, init_ids, seed=0)
     offset = position_offset(peft_model)
     speeds = {"per_row": [], "shared": []}
     for _ in range(args.reps):
