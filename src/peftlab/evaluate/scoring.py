@@ -169,11 +169,17 @@ def prefix_cache(model, ids: list[int]) -> SharedPrefix:
     return SharedPrefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers], virtual)
 
 
+def shareable_prefix(model, rows: list[list[Row]], offset: int, min_length: int = 8) -> list[int] | None:
+    """The token ids all rows start with, where the method lets peftlab run them apart (None: none)."""
+    length = common_prefix_length(rows, min_length) if can_share_prefix(model, offset) else 0
+    return rows[0][0].seq[:length] if length else None
+
+
 @torch.inference_mode()
 def shared_prefix(model, rows: list[list[Row]], offset: int, min_length: int = 8) -> SharedPrefix | None:
     """The cache of the prefix all rows share, computed once for a whole evaluation (None: nothing shared)."""
-    length = common_prefix_length(rows, min_length) if can_share_prefix(model, offset) else 0
-    return prefix_cache(model, rows[0][0].seq[:length]) if length else None
+    ids = shareable_prefix(model, rows, offset, min_length)
+    return prefix_cache(model, ids) if ids else None
 
 
 def cache_argument(model) -> str:

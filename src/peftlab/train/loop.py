@@ -19,8 +19,7 @@ import torch
 from peftlab.config import TrainConfig
 from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
-from peftlab.evaluate.scoring import (Row, can_share_prefix, common_prefix_length, example_length, example_scores,
-                                     prefix_cache)
+from peftlab.evaluate.scoring import Row, example_length, example_scores, prefix_cache, shareable_prefix
 from peftlab.train.checkpoint import Checkpoints, Position
 
 
@@ -99,13 +98,11 @@ def training_prefix(model, rows: list[list[Row]], offset: int, config: TrainConf
     Only without dropout: one pass over the prefix would draw one dropout mask for the whole batch
     instead of one per example, a different regulariser (on a tiny model, LoRA d=0.1 learned worse
     with it). Not with gradient checkpointing (transformers turns the cache off under it), FSDP (a second
-    forward per step would gather the sharded weights twice) or prefix tuning (scoring.can_share_prefix).
+    forward per step would gather the sharded weights twice) or prefix tuning (scoring.shareable_prefix).
     """
-    if (config.gradient_checkpointing or cluster.strategy == "fsdp" or not can_share_prefix(model, offset)
-            or has_dropout(model)):
+    if config.gradient_checkpointing or cluster.strategy == "fsdp" or has_dropout(model):
         return None
-    length = common_prefix_length(rows)
-    return rows[0][0].seq[:length] if length else None
+    return shareable_prefix(model, rows, offset)
 
 
 def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: int, offset: int,
