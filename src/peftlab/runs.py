@@ -207,9 +207,12 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
                               config.train.checkpoint_every, config, sample_sha256(run.task), state=best)
     resumed = config.train.resume and checkpoints.load()
     load_s = time.perf_counter() - run.start
+    objective = training_objective(run)
+    if run.progress:
+        print(plan_line(run, peft_model, objective), file=sys.stderr, flush=True)
     try:
         with resource_errors("training", memory_fix(config, training=True)):
-            history = fit(peft_model, training_objective(run), config.train,
+            history = fit(peft_model, objective, config.train,
                           epoch_evaluator(run, peft_model, best, params, on_epoch), run.progress,
                           None if run.cluster.distributed else checkpoints, cluster=run.cluster)
         metrics, predictions, adapter_sha256 = chosen_result(run, peft_model, best, params)
@@ -251,6 +254,20 @@ def training_objective(run: Run) -> Objective:
     rows = build_rows(encoded, run.task.encoder.label_ids, gold_only=run.config.train.loss == "lm")
     return Objective(rows=rows, labels=[e.label for e in encoded], n_classes=len(run.task.encoder.classes),
                      pad_id=run.tokenizer.pad_token_id, loss=run.config.train.loss)
+
+
+def plan_line(run: Run, peft_model, objective: Objective) -> str:
+    """What the run will do and about how long it takes here (experiments.estimate.run_plan)."""
+    from peftlab.experiments.estimate import run_plan, scored_examples
+
+    offset = position_offset(peft_model)
+    tokens = [sum(len(row.seq) + offset for row in rows) for rows in objective.rows]
+    mean = sum(tokens) / max(len(tokens), 1)
+    scored = scored_examples(run.config, len(run.task.test), trains=True) if run.config.train.score_test else \
+        len(run.task.val) * run.config.train.epochs
+    examples = (f"{len(run.task.train)} training examples x {run.config.train.epochs} epochs, "
+                f"{len(run.task.val)} validation, {len(run.task.test)} test (epoch chosen: {run.config.train.select_on})")
+    return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples)
 
 
 def epoch_evaluator(run: Run, peft_model, best: BestEpoch, params: dict, on_epoch) -> Callable[[EpochRecord], dict]:
