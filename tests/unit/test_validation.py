@@ -159,3 +159,16 @@ def test_selected_on_val_by_hand():
                {"epoch": 3, "val_accuracy": 0.9, "accuracy": 0.85, "ci95": [0.8, 0.9]}]
     assert selected_on_val(history) == {"epoch": 2, "accuracy": 0.75, "ci95": [0.6, 0.8], "val_accuracy": 0.9}
     assert selected_on_val([{"epoch": 1, "val_accuracy": 0.7, "accuracy": None}]) is None
+
+
+def test_a_run_prints_its_plan_then_one_line_per_epoch(tiny_model_dir, imdb_dir, tmp_path, capsys):
+    from peftlab.experiments.estimate import _tokens
+
+    metrics = run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / "plan"), progress=True)
+    err = capsys.readouterr().err
+    plan = next(line for line in err.splitlines() if line.startswith("plan: "))
+    # The plan's token count is computed before training; the loop counts what it really trained on.
+    assert f"{_tokens(metrics['train_tokens'])} training" in plan and "12 training examples x 3 epochs" in plan
+    for e in metrics["per_epoch"]:
+        line = f"epoch {e['epoch']}/3: train loss {e['train_loss']:.4f}"
+        assert line in err and f"val accuracy {e['val_accuracy']:.2%}" in err.split(line)[1].split("\n")[0]
