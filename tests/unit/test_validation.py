@@ -172,3 +172,12 @@ def test_a_run_prints_its_plan_then_one_line_per_epoch(tiny_model_dir, imdb_dir,
     for e in metrics["per_epoch"]:
         line = f"epoch {e['epoch']}/3: train loss {e['train_loss']:.4f}"
         assert line in err and f"val accuracy {e['val_accuracy']:.2%}" in err.split(line)[1].split("\n")[0]
+
+
+def test_printing_the_plan_changes_nothing_the_run_computes(tiny_model_dir, imdb_dir, tmp_path):
+    quiet = run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / "quiet", **{"method.lora_dropout": 0.1}),
+                      progress=False)
+    shown = run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / "shown", **{"method.lora_dropout": 0.1}),
+                      progress=True)
+    assert shown["adapter_sha256"] == quiet["adapter_sha256"]
+    assert [e["train_loss"] for e in shown["per_epoch"]] == [e["train_loss"] for e in quiet["per_epoch"]]

@@ -197,8 +197,9 @@ def gemm_gflops(model, seconds: float = 0.15) -> float:
     param = next(model.parameters())
     hidden = getattr(model.config, "hidden_size", 576)
     inner = getattr(model.config, "intermediate_size", 4 * hidden)
-    a = torch.randn(256, hidden, dtype=param.dtype, device=param.device)
-    b = torch.randn(hidden, inner, dtype=param.dtype, device=param.device)
+    # Constant operands: drawing random ones would move the torch RNG, and with it the run's dropout masks.
+    a = torch.full((256, hidden), 0.5, dtype=param.dtype, device=param.device)
+    b = torch.full((hidden, inner), 0.25, dtype=param.dtype, device=param.device)
     a @ b  # warm-up: the first call picks kernels
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
