@@ -50,8 +50,9 @@ READS = {
              "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
     "sweep": ("model", "data", "prompt", "method", "train", "eval", "adapter", "out"),  # base overrides
 }
-# Keys of a section above that the command does not read: evaluation draws no training sample.
-NOT_READ = {"eval": ("data.n_train", "data.n_val")}
+# Keys of a section above that the command does not read: evaluation draws no training sample and
+# chooses no epoch, so it has no use for a validation split.
+NOT_READ = {"eval": ("data.n_train", "data.n_val", "data.val_source")}
 
 
 def command_keys(command: str) -> set[str]:

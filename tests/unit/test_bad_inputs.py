@@ -348,14 +348,14 @@ def _(tmp, ctx):
     import torch
 
     from peftlab.cli import build_parser, resolve_config
-    from peftlab.data import select_splits
-    from peftlab.runs import check_data, fingerprint
+    from peftlab.data import load_splits
+    from peftlab.runs import sample_sha256, sample_task
 
-    # The checkpoint of the same run, but with another learning rate.
+    # The checkpoint of the same run (same examples), but with another learning rate.
     config = resolve_config(build_parser().parse_args(ctx["argv"] + ["--lr", "0.5"]))
-    train, _ = select_splits(check_data(config), config.data.n_train, config.data.n_test, config.data.data_seed)
+    examples = sample_sha256(sample_task(config, load_splits(config.data)))
     save_file({"rng/torch": torch.get_rng_state()}, folder / "tensors-000001.safetensors")
-    state = {"format": 1, "fingerprint": fingerprint(config, train),
+    state = {"format": 1, "fingerprint": {"config": config.to_dict(), "sample_sha256": examples},
              "tensors": "tensors-000001.safetensors", "sha256": sha256_file(folder / "tensors-000001.safetensors"),
              "extra": {}}
     (folder / "state.json").write_text(json.dumps(state))

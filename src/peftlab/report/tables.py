@@ -192,6 +192,25 @@ def overlap_marks(rows: list, cols: list, interval) -> dict:
     return marks
 
 
+# How the reported epoch was chosen (metrics.json "selected_on"); runs made before train.select_on
+# existed chose it on the test subset.
+PROTOCOL_NOTES = {"test": "epoch selected on test: optimistic (the test subset chose it, as in the study)",
+                  "val": "epoch selected on the validation split; the test subset scored once",
+                  "last": "the last epoch (no selection); the test subset scored once"}
+
+
+def protocol_note(table: Table) -> str | None:
+    """Which protocol chose the epochs of a table's cells, in words; None for zero-shot tables."""
+    protocols = _unique(r.get("selected_on", "test") for e in table.entries.values() for r in e.records
+                        if "best_epoch" in r)
+    if not protocols:
+        return None
+    note = "; ".join(PROTOCOL_NOTES[p] for p in protocols)
+    if any(r.get("evaluated_on") == "val" for e in table.entries.values() for r in e.records):
+        note += ". Accuracies are on the validation split (the test subset was not scored)"
+    return "Protocol: " + note + "."
+
+
 def row_label(table: Table, value) -> str:
     if table.row_key == "model.name" and isinstance(value, str) and study_model_label(value) != value:
         return study_model_label(value)
@@ -228,7 +247,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-COST_HEADER = ["cell", "setting", "status", "accuracy %", "best epoch", "train s", "eval s", "train tokens",
+COST_HEADER = ["cell", "setting", "status", "accuracy %", "best epoch", "selected on", "at val-chosen epoch %",
+               "train s", "eval s", "train tokens",
                "eval tokens", "peak MB", "trainable params", "attempts"]
 
 
@@ -242,6 +262,9 @@ def cost_rows(table: Table) -> list[list[str]]:
         status = cell.status + (f": {cell.reason}" if cell.reason else "")
         out.append([cell.key, setting or "single run", status,
                     f"{100 * r['accuracy']:.2f}" if "accuracy" in r else "", str(r.get("best_epoch", "")),
+                    (r.get("selected_on", "test") if "best_epoch" in r else ""),
+                    (f"{100 * r['selected_on_val']['accuracy']:.2f} ({r['selected_on_val']['epoch']})"
+                     if r.get("selected_on_val") else ""),
                     _num(t.get("train_s")), _num(t.get("eval_s")), _num(r.get("train_tokens"), 0),
                     _num(r.get("eval_tokens"), 0), _num(r.get("peak_memory_mb"), 0),
                     _num(r.get("trainable_parameters"), 0), str(cell.attempts)])
