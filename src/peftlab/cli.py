@@ -5,7 +5,9 @@
     peftlab predict --adapter runs/lora/adapter "A wonderful film."
 
 Every flag is generated from the config dataclasses (peftlab.config), so `--help` is their
-documentation. A user mistake is a PeftlabError: printed as one line, exit status 2.
+documentation; each command offers the flags of the keys it reads (READS below). A user mistake is a
+PeftlabError: printed as one line, exit status 2. Nothing here imports torch before a command runs, so
+`--help` and a mistyped flag answer at once (issue 15).
 """
 
 from __future__ import annotations
