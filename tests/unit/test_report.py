@@ -1,7 +1,6 @@
 """Reports from a results store: the study's table shape, seeds, significance marks, files written."""
 
 import csv
-import json
 import re
 
 import pytest
@@ -130,10 +129,26 @@ def test_report_refuses_a_missing_store_in_one_line(tmp_path, capsys):
     assert err.startswith("peftlab: error: no results store") and "\n" not in err
 
 
+# A fresh interpreter in which `import matplotlib` fails (a None entry in sys.modules makes the import
+# raise ImportError), running `peftlab report`; argv after -c: the report's arguments.
+NO_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; from peftlab.cli import main; "
+                 "code = main(sys.argv[1:]); assert 'matplotlib.pyplot' not in sys.modules; sys.exit(code)")
+
+
 def test_report_without_plots_needs_no_matplotlib(store_path, tmp_path):
-    paths = write_report(store_path, tmp_path / "r", plots=False)
-    assert paths["html"].is_file() and not (tmp_path / "r" / "plots").exists()
-    assert json.dumps(str(paths["markdown"]))
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    run = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, "report", str(store_path), "--out", str(out),
+                          "--no-plots"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (out / "report.html").is_file() and (out / "report.md").is_file() and not (out / "plots").exists()
+    assert "smollm2-lora" in (out / "report.md").read_text()
+    # The block is real: in the same interpreter set-up the report with plots is refused for want of matplotlib.
+    run = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, "report", str(store_path), "--out", str(tmp_path / "p")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "plots need matplotlib" in run.stderr, run.stderr
 
 
 def test_several_stores_make_one_report_and_clashing_sweep_names_are_refused(store_path, tmp_path, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 from peftlab.errors import PeftlabError
@@ -65,7 +64,3 @@ def check_examples(examples: list[Example], classes: list[str], where: str) -> N
                                f"the classes {classes}; fix the row or add it to data.label_map")
         if not ex.text.strip():
             raise PeftlabError(f"{where}: example {ex.id!r} has an empty text; remove it from the data")
-
-
-def class_counts(examples: list[Example]) -> dict[str, int]:
-    return dict(sorted(Counter(ex.label for ex in examples).items()))

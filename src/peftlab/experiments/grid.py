@@ -27,6 +27,7 @@ from typing import Any
 from peftlab.config import (RunConfig, build_config, dotted, flatten, identity_differences, leaves, load_yaml, opt,
                             run_key)
 from peftlab.errors import PeftlabError
+from peftlab.records import child_path, safe_name
 
 STUDY_TABLES = ("zero-shot", "prompt-tuning", "lora", "maximize")
 REPEAT_KEYS = ("train.seed", "data.data_seed")  # repetitions of a setting, not settings of a table
@@ -128,10 +129,10 @@ def same_run(stored: dict, config: RunConfig) -> bool:
 
 
 def cell_folder(key: str, params: dict) -> str:
-    """`<key>-N50-d0.1`: unique by the key, readable by the grid values."""
+    """`<key>-N50-d0.1`: unique by the key, readable by the grid values, one safe path component
+    (records.safe_name: grid values are text from a YAML file, e.g. a model path)."""
     parts = [f"{short_name(k)}{format_value(v)}" for k, v in params.items()]
-    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", "-".join(parts))[:80]
-    return f"{key}-{slug}" if slug else key
+    return safe_name("-".join([key] + parts))
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: str | Path | None = None) -> Sweep:
@@ -246,7 +247,7 @@ def expand_grid(base: dict, grid: dict[str, list], root: Path, source: str = "sw
         if key in seen:
             raise PeftlabError(f"{source}: cells {seen[key]} and {typed} are the same run; remove the duplicate value")
         seen[key] = typed
-        config.out = str(root / cell_folder(key, typed))
+        config.out = str(child_path(root, cell_folder(key, typed)))  # refuses a link out of the sweep
         cells.append(Cell(key=key, params=typed, config=config))
     return cells
 

@@ -1,4 +1,4 @@
-"""The training loop: one loop for every peft method (GUIDE rule 3).
+"""The training loop: one loop for every peft method (their differences live in models/methods.py).
 
 Loss is the cross entropy of the gold label word after the prompt, never of the prompt itself:
 `lm` over the whole vocabulary (what a causal-LM fine-tune on the answer token does), or
