@@ -4,7 +4,9 @@
 
 Same model (SmolLM2-135M-Instruct), same training reviews in the same prompts, same hyper-parameters,
 one process. The peer is the standard recipe of peft's documentation (bench/peers/trainer_peer.py):
-fp32 model, Trainer with bf16 autocast, padded batches, causal-LM loss on the answer. Both trained
+fp32 model, Trainer with bf16 autocast where this machine computes bf16 fast (peftlab's own test,
+models/loading.py: choose_dtype), plain fp32 elsewhere, padded batches, causal-LM loss on the answer; peftlab
+runs in its auto precision (the same choice). The report names each side's precision. Both trained
 adapters are then scored by the same scorer on the same test reviews, so accuracy compares the training.
 Reports training tokens/s, peak resident memory during training, accuracy, and the ratios.
 """
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from peftlab.config import build_config  # noqa: E402
 from peftlab.models import load_base_model  # noqa: E402
+from peftlab.models.loading import choose_dtype  # noqa: E402
 from peftlab.models.methods import build_peft_config  # noqa: E402
 from peftlab.repro import hardware  # noqa: E402
 from peftlab.runs import evaluate_examples, load_task, run_train  # noqa: E402
@@ -75,6 +78,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--methods", default="lora,prompt-tuning")
     parser.add_argument("--lora-dropout", type=float, default=None, help="LoRA dropout (default: peftlab's, 0.1)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="precision of both sides (auto: bf16 where this CPU computes it natively, else fp32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -83,14 +88,20 @@ def main() -> None:
     report = {"n_train": args.n_train, "n_test": args.n_test, "max_input_tokens": args.max_input_tokens,
               "batch_size": args.batch_size, "hardware": hardware(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "results": {}}
+    # On a CPU without native bf16 (no AVX512-BF16/AMX) bf16 products run ~100x slower than fp32 (issue 15):
+    # each side computes in the precision this machine is fast at, as a user's run would.
+    fast_bf16 = choose_dtype(args.dtype, torch.device("cpu")) == torch.bfloat16
+    report["precision"] = {"peftlab": "bf16" if fast_bf16 else "fp32",
+                           "trainer_peer": "fp32 weights, bf16 autocast" if fast_bf16 else "fp32"}
     for method in args.methods.split(","):
         layer = {"data.source": args.data, "data.n_train": args.n_train, "data.n_test": args.n_test,
                  "prompt.max_input_tokens": args.max_input_tokens, "train.epochs": 1,
-                 "train.batch_size": args.batch_size, "method.method": method, "out": f"/tmp/train-bench/{method}"}
+                 "train.batch_size": args.batch_size, "method.method": method, "out": f"/tmp/train-bench/{method}",
+                 "model.dtype": "bf16" if fast_bf16 else "fp32"}
         if args.lora_dropout is not None and method == "lora":
             layer["method.lora_dropout"] = args.lora_dropout
         cfg = build_config(layer)
-        model, tokenizer = load_base_model(cfg.model)  # bf16 on a CPU with AVX512-BF16
+        model, tokenizer = load_base_model(cfg.model)  # auto: bf16 on a CPU with AVX512-BF16, else fp32
         with PeakRSS() as mem:
             metrics = run_train(cfg, model, tokenizer, progress=False)
         ours = {"tokens_per_s": metrics["train_tokens_per_s"], "train_seconds": metrics["timings"]["train_s"],
@@ -102,8 +113,8 @@ def main() -> None:
         fp32, _ = load_base_model(build_config({"model.dtype": "fp32"}).model)
         with PeakRSS() as mem:
             peer = train_with_trainer(copy.deepcopy(fp32), tokenizer, prompts, targets, build_peft_config(cfg.method),
-                                      epochs=1, lr=metrics["lr"], batch_size=args.batch_size, seed=0, bf16=True)
-        peer_model = peer["model"].to(torch.bfloat16).eval()
+                                      epochs=1, lr=metrics["lr"], batch_size=args.batch_size, seed=0, bf16=fast_bf16)
+        peer_model = peer["model"].to(torch.bfloat16 if fast_bf16 else torch.float32).eval()
         peer_metrics, _, _ = evaluate_examples(peer_model, tokenizer, task.encoder, task.test, cfg, progress=False)
         theirs = {"tokens_per_s": peer["tokens_per_s"], "train_seconds": peer["seconds"],
                   "peak_extra_rss_mb": mem.extra_mb, "accuracy": peer_metrics["accuracy"]}

@@ -33,6 +33,8 @@ EXPERIMENT_COMMANDS = {
     "report": "write tables (markdown, CSV), plots (PNG) and an HTML page from a results store",
 }
 DEFAULT_STORE = "runs/sweeps/results.sqlite"
+EXPORT_HELP = ("merge a LoRA-family adapter into its base model and save it as a plain Hugging Face folder "
+               "(safetensors + tokenizer) for AutoModelForCausalLM.from_pretrained")
 RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether the sample, metrics and "
               "adapter came out the same")
 
@@ -43,14 +45,14 @@ RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether t
 # every section (a run's config.yaml, a train YAML given to `plan`): a command takes from it the keys
 # it reads and ignores the rest.
 READS = {
-    "train": ("model", "data", "prompt", "method", "train", "eval", "out"),
-    "eval": ("model", "data", "prompt", "eval", "adapter", "out",
+    "train": ("model", "data", "prompt", "method", "train", "eval", "track", "out"),
+    "eval": ("model", "data", "prompt", "eval", "track", "adapter", "out",
              "train.strategy"),  # run_eval joins the process group with it
     "predict": ("model", "prompt", "eval", "adapter"),
     "plan": ("model", "method.method", "method.lora_r", "method.lora_dropout", "method.lora_target_modules",
              "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",
              "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
-    "sweep": ("model", "data", "prompt", "method", "train", "eval", "adapter", "out"),  # base overrides
+    "sweep": ("model", "data", "prompt", "method", "train", "eval", "track", "adapter", "out"),  # base overrides
 }
 # Keys of a section above that the command does not read: evaluation draws no training sample and
 # chooses no epoch, so it has no use for a validation split.
@@ -134,11 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             add_plan_flags(p)
     add_experiment_parsers(sub)
+    add_export_parser(sub)
     p = sub.add_parser("rerun", help=RERUN_HELP, description=RERUN_HELP)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a train or eval run")
     p.add_argument("--out", help="folder of the new run [default: RUN_DIR-rerun-<n>]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP + "; prompt-learning adapters have "
+                       "nothing to merge and are refused")
+    p.add_argument("adapter", metavar="ADAPTER", help="the adapter/ folder of a training run")
+    p.add_argument("--out", required=True, help="new folder for the merged model")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="precision of the saved "
+                   "weights (the merge itself runs in fp32) [default: fp32]")
+    p.add_argument("--model", help="base model (default: the one in the adapter's peftlab record)")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
@@ -292,6 +305,12 @@ def run_command(args: argparse.Namespace) -> int:
         return run_experiment_command(args)
     if args.command == "rerun":
         return rerun_command(args)
+    if args.command == "export":
+        quiet_libraries()
+        from peftlab.models.export import export_merged
+
+        print(f"merged model: {export_merged(args.adapter, args.out, args.dtype, args.model)}")
+        return 0
     config = resolve_config(args)
     progress = False if args.quiet else None
     quiet_libraries()
@@ -312,12 +331,10 @@ def run_command(args: argparse.Namespace) -> int:
             print(json.dumps(row, ensure_ascii=False))
         return 0
     from peftlab.distributed import leave_cluster
+    from peftlab.tracking import run_tracked
 
     try:
-        if args.command == "eval":
-            metrics = runs.run_eval(config, progress=progress)
-        else:
-            metrics = runs.run_train(config, progress=progress)
+        metrics = run_tracked(args.command, config, progress=progress)  # plain run_train/run_eval without trackers
     finally:
         leave_cluster()  # launched on several processes (accelerate launch, torchrun): end torch.distributed
     if os.environ.get("RANK", "0") == "0":  # one summary line, from rank 0

@@ -31,6 +31,7 @@ PROMPT_LEARNING_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "multit
 QUANTIZATIONS = ("none", "8bit", "4bit")
 STRATEGIES = ("auto", "ddp", "fsdp")
 SELECT_ON = ("val", "test", "last")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 
 
 def opt(default: Any, help: str, flag: str | None = None, factory: Any = None):
@@ -194,6 +195,25 @@ class EvalConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment trackers (peftlab.tracking); they record a run, they never change what it computes."""
+
+    report_to: list | None = opt(None, "experiment trackers to log the run to, comma-separated: tensorboard "
+                                 "(event files in <out>/tensorboard), mlflow, wandb, trackio, or none")
+    project: str = opt("peftlab", "tracker project (MLflow experiment, wandb/trackio project)", flag="--track-project")
+    run_name: str | None = opt(None, "name of the run in the trackers (default: the --out folder's name)")
+    group: str | None = opt(None, "group of runs in the trackers (a sweep sets its name)", flag="--run-group")
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI, e.g. sqlite:///mlflow.db (default: "
+                                 "$MLFLOW_TRACKING_URI, else MLflow's own default)")
+
+    def __post_init__(self):
+        names = [str(n).strip().lower() for n in (self.report_to or [])]
+        for name in names:
+            _choice("track.report_to", name, TRACKERS + ("none",))
+        self.report_to = [n for n in dict.fromkeys(names) if n != "none"] or None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +221,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     adapter: str | None = opt(None, "a saved adapter folder to evaluate or predict with")
     out: str | None = opt(None, "output folder of the run (default: runs/<command>-<time>)")
 
@@ -231,7 +252,7 @@ class RunConfig:
 
 # The sections of the tree, in the pipeline's order; their names are the YAML top-level keys.
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "prompt": PromptConfig, "method": MethodConfig,
-            "train": TrainConfig, "eval": EvalConfig}
+            "train": TrainConfig, "eval": EvalConfig, "track": TrackConfig}
 
 
 @dataclass(frozen=True)
@@ -411,7 +432,8 @@ def dump_yaml(config: RunConfig) -> str:
 # finished-run checks, so that they can never disagree about it.
 
 # Settings that say where a run is written, how it is restarted or where it is logged, not what it computes.
-NOT_IN_IDENTITY = ("out", "overwrite", "train.resume", "train.checkpoint_every", "train.report_to")
+NOT_IN_IDENTITY = ("out", "overwrite", "train.resume", "train.checkpoint_every", "train.report_to", "track.report_to",
+                   "track.project", "track.run_name", "track.group", "track.mlflow_uri")
 # Fields added after runs were first stored, with the value that reproduces what those runs did (where
 # that is not the field's default). Before train.select_on existed, the best epoch was chosen on test.
 BEFORE_FIELD = {"train.select_on": "test"}

@@ -184,13 +184,15 @@ def run_eval(config: RunConfig, model=None, tokenizer=None, progress: bool | Non
 
 
 def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | None = None,
-              on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+              on_epoch: Callable[[int, dict], None] | None = None,
+              on_step: Callable[[int, float, float], None] | None = None) -> dict:
     """Train a fresh adapter, evaluate after every epoch, keep the chosen epoch; writes the run folder.
 
     `train.select_on` chooses the epoch: on the validation split (the test subset is then scored once,
     with the chosen adapter), on the test subset after every epoch (the study's protocol), or the last.
     `on_epoch(epoch, {"epoch", "train_loss", "val", "test"})` is called after each epoch's evaluation;
     what it raises (e.g. optuna.TrialPruned) ends the run, with the adapter removed from `model`.
+    `on_step(step, loss, lr)` goes to `fit` (experiment tracking, peftlab.tracking).
     The run checkpoints itself into <out>/checkpoint; with `train.resume` a killed run continues
     from there (and a finished one is returned as it is).
     """
@@ -214,7 +216,7 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
         with resource_errors("training", memory_fix(config, training=True)):
             history = fit(peft_model, objective, config.train,
                           epoch_evaluator(run, peft_model, best, params, on_epoch), run.progress,
-                          None if run.cluster.distributed else checkpoints, cluster=run.cluster)
+                          None if run.cluster.distributed else checkpoints, cluster=run.cluster, on_step=on_step)
         metrics, predictions, adapter_sha256 = chosen_result(run, peft_model, best, params)
     finally:
         if run.cluster.strategy != "fsdp":  # a sharded model stays sharded: its process ends with the run

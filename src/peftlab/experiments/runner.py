@@ -30,6 +30,7 @@ import torch
 from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
+from peftlab.tracking import group_sweep
 
 
 class BaseModelChanged(RuntimeError):
@@ -82,15 +83,15 @@ def with_earlier_keys(cells: list[Cell], store: ResultsStore) -> list[Cell]:
 
 def run_cell(cell: Cell, model, tokenizer, progress: bool | None) -> dict:
     """Zero-shot evaluation for n_train=0, else training; returns the run's metrics record."""
-    from peftlab.runs import run_eval, run_train
+    from peftlab.tracking import run_tracked
 
-    run = run_train if cell.trains else run_eval
-    return run(cell.config, model, tokenizer, progress=progress)
+    return run_tracked("train" if cell.trains else "eval", cell.config, model, tokenizer, progress=progress)
 
 
 def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: SweepOutcome) -> list[Cell]:
     """Register the sweep in the store and return the cells still to run, grouped by base model."""
     sweep.cells = with_earlier_keys(sweep.cells, store)
+    group_sweep(sweep.cells, sweep.name)  # trackers: one run per cell, grouped by the sweep (peftlab.tracking)
     store.register_sweep(sweep.name, sweep.source, sweep.command, sweep.grid, _spec_dict(sweep),
                          [(c.key, c.params) for c in sweep.cells])
     todo = []

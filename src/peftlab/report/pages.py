@@ -27,7 +27,8 @@ def provenance(tables: list[Table]) -> dict[str, list[str]]:
             r = cell.record or {}
             if not r:
                 continue
-            out["git commits"].add(str(r.get("git_commit")))
+            commit = str(r.get("git_commit"))  # 12 hex digits name a commit; the whole hash crowds the line
+            out["git commits"].add(commit[:12] + ("-dirty" if commit.endswith("-dirty") else ""))
             hw = r.get("hardware", {})
             out["hardware"].add(", ".join(hw.get("gpus", [])) or f"{hw.get('processor', '?')} "
                                 f"({hw.get('torch_threads', '?')} threads)")

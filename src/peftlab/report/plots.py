@@ -169,10 +169,21 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
     axes[0].set_ylabel("test accuracy % (best epoch)")
     for ax in axes:
         ax.set_xscale("log")
+        plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("accuracy against cost", fontsize=10)
     return _save(fig, path)
+
+
+def plain_log_ticks(ax) -> None:
+    """Ticks at 1, 2 and 5 of each decade written as plain numbers (50, 100, 200k): matplotlib's default
+    labels its minor ticks too on a short log axis (3x10^2 4x10^2), and they run into each other."""
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _model_of(table: Table) -> str | None:
