@@ -27,6 +27,7 @@ from peftlab.data import LabelledSplits, load_splits, select_splits
 from peftlab.data.examples import Example, replace_lone_surrogates
 from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import DiskFull, PeftlabError, resource_errors
+from peftlab.evaluate.calibration import decide
 from peftlab.evaluate.metrics import classification_metrics
 from peftlab.evaluate.scoring import ScoreResult, build_rows, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
@@ -90,8 +91,8 @@ def check_data(config: RunConfig, n_train: int | None = None) -> LabelledSplits:
 
 
 def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[Example], config: RunConfig,
-                      progress: bool = True, desc: str = "evaluating", cluster: Cluster = SINGLE
-                      ) -> tuple[dict, list[dict], ScoreResult]:
+                      progress: bool = True, desc: str = "evaluating", cluster: Cluster = SINGLE,
+                      val_offsets=None) -> tuple[dict, list[dict], ScoreResult]:
     """Score the examples and return (metrics, predictions, raw scores); with several processes each
     scores its share and all receive all scores (peftlab.distributed)."""
     encoded = encoder.encode(examples, tokenizer)
@@ -101,9 +102,12 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
         model, part, n_classes, tokenizer.pad_token_id, offset, max_examples, max_tokens, progress, desc),
         rows, [sum(len(row.seq) + offset for row in r) for r in rows], n_classes, config.eval.eval_batch_size,
         config.eval.max_batch_tokens)
-    preds = result.scores.argmax(dim=1).tolist()
+    decided, decision = decide(result.scores, encoder, config.eval, lambda more: score_examples(  # issue 13 hook
+        model, more, n_classes, tokenizer.pad_token_id, offset, progress=False).scores, tokenizer, val_offsets)
+    preds = decided.argmax(dim=1).tolist()
     gold = [e.label for e in encoded]
     metrics = classification_metrics(gold, preds, encoder.classes)
+    metrics["decision"] = decision
     metrics.update(eval_seconds=result.seconds, eval_tokens=result.tokens, eval_tokens_per_s=result.tokens_per_s,
                    truncated_share=sum(e.truncated for e in encoded) / max(len(encoded), 1))
     predictions = [

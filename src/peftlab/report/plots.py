@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.experiments.grid import format_value, short_name
+from peftlab.report.confusion import best_record, confusion_heat_map
 from peftlab.report.tables import Table, row_label
 
 DPI = 110
@@ -41,6 +42,8 @@ def plot_tables(tables: list[Table], zero_shot: dict, folder: Path) -> dict[str,
             paths.append(heat_map(table, folder / f"{table.name}-heat-map.png"))
         elif table.col_key is None:
             paths.append(bars(table, folder / f"{table.name}-accuracy.png"))
+        if (best := best_record(table)) is not None:
+            paths.append(confusion_heat_map(table, best, folder / f"{table.name}-confusion.png"))
         out[table.name] = paths
     return out
 
