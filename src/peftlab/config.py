@@ -99,10 +99,16 @@ class PromptConfig:
     max_input_tokens: int = opt(256, "token budget of the input text; the instruction and response "
                                 "marker are never cut")
     truncation: str = opt("head+tail", "which part of a long input to keep: head|tail|head+tail")
+    shots: int = opt(0, "k-shot: demonstrations (training examples with their label word) before each input, "
+                     "balanced over the classes and seeded by data_seed; drawn from the training split only")
+    shots_mode: str = opt("fixed", "fixed: the same demonstrations for every example (scored once, in the shared "
+                          "prompt prefix) | per-example: drawn per example")
 
     def __post_init__(self):
         _positive("prompt.max_input_tokens", self.max_input_tokens)
         _choice("prompt.truncation", self.truncation, TRUNCATION_SIDES)
+        _positive("prompt.shots", self.shots, allow_zero=True)
+        _choice("prompt.shots_mode", self.shots_mode, ("fixed", "per-example"))
 
 
 @dataclass

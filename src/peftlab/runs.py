@@ -78,7 +78,8 @@ def load_task(config: RunConfig, tokenizer, n_train: int | None = None, splits: 
     splits = splits or load_splits(config.data)
     train, test = select_splits(splits, config.data.n_train if n_train is None else n_train,
                                 config.data.n_test, config.data.data_seed)
-    encoder = build_prompt_encoder(tokenizer, config.prompt, splits.classes, splits.is_imdb)
+    encoder = build_prompt_encoder(tokenizer, config.prompt, splits.classes, splits.is_imdb,  # issue 13 hook: shots
+                                   splits.train, config.data.data_seed)
     return Task(splits=splits, train=train, test=test, encoder=encoder)
 
 
