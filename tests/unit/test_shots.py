@@ -95,3 +95,27 @@ def test_a_k_shot_eval_runs_end_to_end_and_records_its_demonstrations(tiny_model
     metrics = run_eval(cfg, progress=False)
     demos = metrics["prompt"]["demonstrations"]
     assert len(demos) == 2 and all(d.startswith("train/") for d in demos) and metrics["n"] == 8
+
+
+def test_training_with_fixed_shots_shares_the_demonstrations_in_each_batch_prefix(tiny, imdb_dir, one_torch_thread):
+    from peftlab.config import MethodConfig, TrainConfig
+    from peftlab.distributed import SINGLE
+    from peftlab.models import attach_method
+    from peftlab.train.loop import batch_loss, training_prefix
+
+    model, tok = tiny
+    splits = load_splits(DataConfig(source=str(imdb_dir)))
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=48, shots=2), CLASSES, True, splits.train)
+    lora = attach_method(model, MethodConfig(method="lora", lora_dropout=0.0), seed=0)
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    encoded = enc.encode(splits.train[:6], tok)
+    rows = build_rows(encoded, enc.label_ids, gold_only=True)
+    prefix_ids = training_prefix(lora, rows, 0, TrainConfig(), SINGLE)
+    assert prefix_ids == enc.prefix_ids  # demonstrations and instruction: one pass per batch
+    gold = torch.tensor([e.label for e in encoded])
+    shared = batch_loss(lora, rows, gold, 2, tok.pad_token_id, 0, "lm", prefix_ids=prefix_ids)
+    plain = batch_loss(lora, rows, gold, 2, tok.pad_token_id, 0, "lm", prefix_ids=None)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
