@@ -197,6 +197,8 @@ def adapter_layer(adapter: str) -> dict:
     layer["prompt.instruction"] = prompt.get("instruction", layer.get("prompt.instruction"))
     if prompt.get("words_by_class"):
         layer["prompt.label_words"] = prompt["words_by_class"]
+    evaluate = config.get("eval", {})  # decide as the run did (issue 13); a validation prior needs its split
+    layer.update({f"eval.{k}": evaluate[k] for k in ("score_norm", "calibration") if evaluate.get(k, "val") != "val"})
     return layer
 
 

@@ -25,6 +25,7 @@ import torch
 from peftlab.config import RunConfig, dump_yaml
 from peftlab.data import LabelledSplits, load_splits, select_splits
 from peftlab.data.examples import Example, replace_lone_surrogates
+from peftlab.data.sources import imdb_classes
 from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import DiskFull, PeftlabError, resource_errors
 from peftlab.evaluate.calibration import decide
@@ -352,7 +353,7 @@ def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, cla
         model, tokenizer = load_base_model(config.model)
     if config.adapter:
         model = load_adapter(model, config.adapter)
-    classes = classes or list(config.prompt.label_words or {"negative": 0, "positive": 1})
+    classes = classes or list(config.prompt.label_words or imdb_classes(config.data.labels))  # issue 13: rating-4
     encoder = build_prompt_encoder(tokenizer, config.prompt, classes, is_imdb)
     # Untrusted text: lone surrogates (from JSON escapes) cannot be tokenised or printed as UTF-8.
     texts = [replace_lone_surrogates(str(t)) for t in texts]
@@ -361,7 +362,10 @@ def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, cla
     rows = build_rows(encoded, encoder.label_ids)
     result = score_examples(model, rows, len(classes), tokenizer.pad_token_id, position_offset(model),
                             config.eval.eval_batch_size, config.eval.max_batch_tokens, progress=False)
-    probs = torch.softmax(result.scores, dim=1)
-    return [{"text": t, "pred": classes[int(s.argmax())], "prob": round(float(p.max()), 6),
+    offset = position_offset(model)
+    decided, _ = decide(result.scores, encoder, config.eval, lambda more: score_examples(  # issue 13 hook
+        model, more, len(classes), tokenizer.pad_token_id, offset, progress=False).scores, tokenizer)
+    probs = torch.softmax(decided, dim=1)  # over the classes, after normalisation and calibration
+    return [{"text": t, "pred": classes[int(p.argmax())], "prob": round(float(p.max()), 6),
              "scores": {c: round(float(v), 6) for c, v in zip(classes, s.tolist())}}
             for t, s, p in zip(texts, result.scores, probs)]

@@ -115,3 +115,24 @@ def test_the_report_shows_the_best_cells_confusion_matrix_and_how_it_was_scored(
     assert "| poor | 2 | 3 | 1 | 0 |" in text and "N=80" in text  # the best cell's matrix, not the other one
     assert (tmp_path / "report" / "plots" / "rating4-lora-confusion.png").stat().st_size > 1000
     assert "Confusion matrix of the best cell" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_predict_with_a_rating_4_adapter_answers_in_its_classes_as_the_run_did(tiny_model_dir, rated_dir, tmp_path,
+                                                                             one_torch_thread, capsys):
+    from peftlab.cli import main
+    from peftlab.runs import run_train
+
+    cfg = build_config({"model.name": str(tiny_model_dir), "model.dtype": "fp32", "data.source": str(rated_dir),
+                        "data.labels": "rating-4", "data.n_train": 8, "data.n_test": 8, "train.epochs": 1,
+                        "train.batch_size": 4, "prompt.max_input_tokens": 40, "eval.score_norm": "token",
+                        "eval.calibration": "content-free",
+                        "out": str(tmp_path / "run")})
+    run_train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    test = {e.id: e.text for e in load_splits(DataConfig(source=str(rated_dir))).test}
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(tmp_path / "run" / "adapter"), "--dtype", "fp32",
+                 *[test[x["id"]] for x in lines]]) == 0
+    answers = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [a["pred"] for a in answers] == [x["pred"] for x in lines]
+    assert {c for a in answers for c in a["scores"]} == {"terrible", "poor", "good", "excellent"}
