@@ -54,6 +54,8 @@ def test_scores_equal_a_plain_forward_with_and_without_the_shared_prefix(model_d
     offset = position_offset(model)
     prefix = shared_prefix(model, rows, offset)
     assert prefix is not None and prefix.length == len(enc.prefix_ids)  # the whole instruction is shared
+    window = getattr(model.config, "sliding_window", None)
+    assert arch != "gemma3" or window < prefix.length  # the prefix (and every row) crosses the sliding window
     shared = score_examples(model, rows, 2, tok.pad_token_id, offset, max_examples=4, progress=False).scores
     unshared = score_examples(model, rows, 2, tok.pad_token_id, offset, max_examples=4, progress=False,
                               share_prefix=False).scores
