@@ -32,7 +32,7 @@ from peftlab.evaluate.scoring import build_rows, score_examples  # noqa: E402
 from peftlab.models import attach_method, trainable_parameters  # noqa: E402
 from peftlab.models.methods import detach_method  # noqa: E402
 from peftlab.prompts.encoding import EncodedExample  # noqa: E402
-from peftlab.train.loop import fit  # noqa: E402
+from peftlab.train.loop import Objective, fit  # noqa: E402
 
 H100_BF16_DENSE = 989e12
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test of this script only
@@ -101,10 +101,10 @@ def bench_peftlab_train(model, examples, batch_size: int, steps: int) -> dict:
     sync()
     reset_peak()
     # A warm-up epoch on 2 batches (kernels, allocator), then the timed epoch.
-    fit(peft_model, rows[: 2 * batch_size], gold[: 2 * batch_size], 2, 0, 0, cfg, 5e-4, progress=False)
+    fit(peft_model, Objective(rows[: 2 * batch_size], gold[: 2 * batch_size], 2, 0, "lm"), cfg, progress=False)
     sync()
     start = time.perf_counter()
-    history = fit(peft_model, rows, gold, 2, 0, 0, cfg, 5e-4, progress=False)
+    history = fit(peft_model, Objective(rows, gold, 2, 0, "lm"), cfg, progress=False)
     sync()
     seconds = time.perf_counter() - start
     tokens = history[0].tokens

@@ -22,7 +22,7 @@ from peftlab.config import MethodConfig, TrainConfig  # noqa: E402
 from peftlab.evaluate.scoring import build_rows  # noqa: E402
 from peftlab.models import attach_method  # noqa: E402
 from peftlab.models.methods import detach_method  # noqa: E402
-from peftlab.train.loop import fit  # noqa: E402
+from peftlab.train.loop import Objective, fit  # noqa: E402
 
 
 def profile(label: str, run, rows: int = 12) -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     rows = build_rows(examples, LABEL_IDS, gold_only=True)
     gold = [e.label for e in examples]
     cfg = TrainConfig(epochs=1, lr=5e-4, batch_size=args.batch_size)
-    profile("peftlab fit", lambda: fit(peft_model, rows, gold, 2, 0, 0, cfg, 5e-4, progress=False))
+    profile("peftlab fit", lambda: fit(peft_model, Objective(rows, gold, 2, 0, "lm"), cfg, progress=False))
     base = detach_method(peft_model)
 
     import peft

@@ -35,7 +35,7 @@ from peftlab.config import MethodConfig, ModelConfig, TrainConfig  # noqa: E402
 from peftlab.evaluate.scoring import build_rows, score_examples  # noqa: E402
 from peftlab.models import attach_method, load_base_model, planner  # noqa: E402
 from peftlab.models.methods import detach_method, enable_gradient_checkpointing  # noqa: E402
-from peftlab.train.loop import fit  # noqa: E402
+from peftlab.train.loop import Objective, fit  # noqa: E402
 
 GIB = 2**30
 
@@ -68,11 +68,11 @@ def measured_train(model, examples, batch_size: int, steps: int, checkpointing: 
     rows = build_rows(examples[: batch_size * steps], LABEL_IDS, gold_only=True)
     gold = [e.label for e in examples[: batch_size * steps]]
     cfg = TrainConfig(epochs=1, lr=5e-4, batch_size=batch_size)
-    fit(peft_model, rows[:batch_size], gold[:batch_size], 2, 0, 0, cfg, 5e-4, progress=False)  # warm-up
+    fit(peft_model, Objective(rows[:batch_size], gold[:batch_size], 2, 0, "lm"), cfg, progress=False)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    history = fit(peft_model, rows, gold, 2, 0, 0, cfg, 5e-4, progress=False)
+    history = fit(peft_model, Objective(rows, gold, 2, 0, "lm"), cfg, progress=False)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     out = {"tokens_per_s": history[0].tokens / seconds, "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,

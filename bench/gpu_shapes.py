@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import (LABEL_IDS, bench_trainer_peer, random_model, synthetic_examples, sync,  # noqa: E402
                        write_report)
 
+from peftlab.train.loop import Objective  # noqa: E402
 from peftlab.config import MethodConfig, TrainConfig  # noqa: E402
 from peftlab.evaluate import scoring  # noqa: E402
 from peftlab.evaluate.scoring import build_rows  # noqa: E402
@@ -90,7 +91,7 @@ def timed_fit(model, examples, batch_size: int, label: str) -> dict:
     clock = StepClock(model)
     sync()
     start = time.perf_counter()
-    history = loop.fit(model, rows, gold, 2, 0, 0, cfg, 5e-4, progress=False)
+    history = loop.fit(model, Objective(rows, gold, 2, 0, "lm"), cfg, progress=False)
     sync()
     seconds = time.perf_counter() - start
     steps = clock.steps()

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from peftlab.config import build_config  # noqa: E402
 from peftlab.evaluate.scoring import build_rows  # noqa: E402
-from peftlab.models import attach_method, load_base_model, position_offset  # noqa: E402
+from peftlab.models import attach_method, load_base_model  # noqa: E402
 from peftlab.models.methods import prompt_init_ids  # noqa: E402
 from peftlab.repro import hardware  # noqa: E402
 from peftlab.runs import load_task  # noqa: E402
-from peftlab.train.loop import fit  # noqa: E402
+from peftlab.train.loop import Objective, fit  # noqa: E402
 
 
 def main() -> None:
@@ -50,13 +50,12 @@ def main() -> None:
     gold = [e.label for e in encoded]
     init_ids = prompt_init_ids(cfg.method, tokenizer, task.encoder.instruction, task.encoder.label_ids)
     peft_model = attach_method(model, cfg.method, init_ids, seed=0)
-    offset = position_offset(peft_model)
     speeds = {"per_row": [], "shared": []}
     for _ in range(args.reps):
         for name, share in (("per_row", False), ("shared", True)):
             start = time.perf_counter()
-            history = fit(peft_model, rows, gold, 2, tokenizer.pad_token_id, offset, cfg.train, cfg.train.lr,
-                          progress=False, share_prefix=share)
+            objective = Objective(rows, gold, 2, tokenizer.pad_token_id, cfg.train.loss)
+            history = fit(peft_model, objective, cfg.train, progress=False, share_prefix=share)
             speeds[name].append(history[0].tokens / (time.perf_counter() - start))
             print(f"{name}: {speeds[name][-1]:.0f} tok/s", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "torch": torch.__version__, "method": args.method,

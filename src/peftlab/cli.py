@@ -5,7 +5,9 @@
     peftlab predict --adapter runs/lora/adapter "A wonderful film."
 
 Every flag is generated from the config dataclasses (peftlab.config), so `--help` is their
-documentation. A user mistake is a PeftlabError: printed as one line, exit status 2.
+documentation; each command offers the flags of the keys it reads (READS below). A user mistake is a
+PeftlabError: printed as one line, exit status 2. Nothing here imports torch before a command runs, so
+`--help` and a mistyped flag answer at once (issue 15).
 """
 
 from __future__ import annotations
@@ -35,14 +37,47 @@ RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether t
               "adapter came out the same")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_file: bool = True) -> None:
-    """One flag per config field; values stay strings here and are typed by the dataclasses."""
+# The config keys each command reads; a section name stands for all its keys. A command offers flags
+# for these keys only, and a flag of another command is refused naming the command that reads it
+# (litgpt's `validate_args` does the same), so no flag is silently ignored. A --config YAML may hold
+# every section (a run's config.yaml, a train YAML given to `plan`): a command takes from it the keys
+# it reads and ignores the rest.
+READS = {
+    "train": ("model", "data", "prompt", "method", "train", "eval", "out"),
+    "eval": ("model", "data", "prompt", "eval", "adapter", "out",
+             "train.strategy"),  # run_eval joins the process group with it
+    "predict": ("model", "prompt", "eval", "adapter"),
+    "plan": ("model", "method.method", "method.lora_r", "method.lora_dropout", "method.lora_target_modules",
+             "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",
+             "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
+    "sweep": ("model", "data", "prompt", "method", "train", "eval", "adapter", "out"),  # base overrides
+}
+# Keys of a section above that the command does not read: evaluation draws no training sample and
+# chooses no epoch, so it has no use for a validation split.
+NOT_READ = {"eval": ("data.n_train", "data.n_val", "data.val_source")}
+
+
+def command_keys(command: str) -> set[str]:
+    """The config keys `command` reads (empty for rerun and report, which take no config flags)."""
+    from peftlab.config import leaves
+
+    reads, skip = READS.get(command, ()), NOT_READ.get(command, ())
+    return {leaf.key for leaf in leaves()
+            if (leaf.key in reads or leaf.key.split(".")[0] in reads) and leaf.key not in skip}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, command: str, config_file: bool = True) -> None:
+    """One flag per config field the command reads; values stay strings here and are typed by the dataclasses."""
     from peftlab.config import leaves
 
     if config_file:
-        parser.add_argument("--config", metavar="FILE", help="YAML config file (flags given here override it)")
+        parser.add_argument("--config", metavar="FILE", help="YAML config file (flags given here override it); it "
+                            "may hold every section, this command takes the keys it has flags for")
+    keys = command_keys(command)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for leaf in leaves():
+        if leaf.key not in keys:
+            continue
         section = leaf.key.split(".")[0] if "." in leaf.key else "run"
         group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
         default = "all" if leaf.key == "data.n_test" and leaf.default is None else leaf.default
@@ -51,6 +86,32 @@ def add_config_flags(parser: argparse.ArgumentParser, config_file: bool = True) 
         group.add_argument(leaf.flag, dest=leaf.key, default=argparse.SUPPRESS, metavar="VALUE",
                            help=help_text, **kwargs)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def foreign_flag(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """'peftlab eval does not use --lr (train.lr); it is a `peftlab train` option', or None.
+
+    Checked on the words before argparse sees them, so that a flag of another command is never read as an
+    abbreviation of one of this command's flags.
+    """
+    from peftlab.config import leaves
+
+    subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if not argv or subparsers is None or argv[0] not in subparsers.choices:
+        return None
+    command, own = argv[0], subparsers.choices[argv[0]]._option_string_actions
+    by_flag = {leaf.flag: leaf.key for leaf in leaves()}
+    for word in argv[1:]:
+        if word == "--":
+            break
+        flag = word.split("=", 1)[0]
+        if flag in own or flag not in by_flag:
+            continue
+        users = [f"`peftlab {c}`" for c in READS if c != "sweep" and by_flag[flag] in command_keys(c)]
+        users = users or ["`peftlab sweep`"]
+        which = users[0] if len(users) == 1 else ", ".join(users[:-1]) + " or " + users[-1]
+        return f"peftlab {command} does not use {flag} ({by_flag[flag]}); it is a {which} option"
+    return None
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_flags(p)
+        add_config_flags(p, name)
         if name == "predict":
             p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else stdin)")
             p.add_argument("--file", help="a text file (one text per line), .jsonl or .csv with a 'text' column")
@@ -102,7 +163,7 @@ def add_experiment_parsers(sub) -> None:
                    "GPU (or per share of the CPUs); overrides the YAML's ray.workers [default: one after another]")
     p.add_argument("--ray-address", help="Ray cluster to join ('auto', 'ray://host:10001') [default: start a "
                    "local one]; overrides ray.address")
-    add_config_flags(p, config_file=False)
+    add_config_flags(p, "sweep", config_file=False)
     p = sub.add_parser("report", help=EXPERIMENT_COMMANDS["report"], description=EXPERIMENT_COMMANDS["report"])
     p.add_argument("stores", nargs="+", metavar="STORE", help="results store(s) written by `peftlab sweep`; "
                    "several give one report")
@@ -119,6 +180,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         paths = write_report(args.stores, out, plots=not args.no_plots)
         print(f"report: {paths['html']} (markdown {paths['markdown']}, CSV in {paths['tables']})")
         return 0
+    quiet_libraries()
     from peftlab.experiments import ResultsStore, load_sweep, run_sweep
 
     overrides = {k: v for k, v in vars(args).items() if "." in k or k == "adapter"}
@@ -175,10 +237,12 @@ def resolve_config(args: argparse.Namespace):
     """Merge the layers into a validated RunConfig."""
     from peftlab.config import build_config, flatten, load_yaml
 
-    given = {k: v for k, v in vars(args).items() if "." in k or k in ("adapter", "out")}
+    reads = command_keys(args.command)
+    given = {k: v for k, v in vars(args).items() if k in reads}
     yaml_layer = flatten(load_yaml(args.config), args.config) if args.config else {}
+    yaml_layer = {k: v for k, v in yaml_layer.items() if k in reads}  # see READS: the rest is another command's
     adapter = given.get("adapter", yaml_layer.get("adapter"))
-    record_layer = adapter_layer(adapter) if adapter and args.command != "train" else {}
+    record_layer = adapter_layer(adapter) if adapter else {}
     return build_config(record_layer, yaml_layer, given)
 
 
@@ -226,19 +290,20 @@ def read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from peftlab import runs
-
     if args.command in EXPERIMENT_COMMANDS:
         return run_experiment_command(args)
     if args.command == "rerun":
         return rerun_command(args)
     config = resolve_config(args)
     progress = False if args.quiet else None
+    quiet_libraries()
     if args.command == "plan":
         from peftlab.models.planner import plan_report
 
         print(plan_report(config, args.seq_len, args.devices, args.device_memory))
         return 0
+    from peftlab import runs
+
     if args.command == "predict":
         texts = read_texts(args)
         from peftlab.records import read_adapter_record
@@ -263,7 +328,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def rerun_command(args: argparse.Namespace) -> int:
-    from peftlab.repro import rerun
+    quiet_libraries()
+    from peftlab.rerun import rerun
 
     metrics, same = rerun(args.run_dir, args.out, progress=False if args.quiet else None)
     print(summary_line(metrics))
@@ -288,14 +354,23 @@ def summary_line(metrics: dict) -> str:
     return text + f" -> {metrics['out']}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def quiet_libraries() -> None:
+    """Silence transformers' and peft's noise; called when a command runs, not for --help or a bad flag,
+    which must answer without importing torch (issue 15)."""
     import transformers
 
     transformers.logging.disable_progress_bar()  # weight-loading bars: noise around peftlab's own
     # peft asks transformers for a renamed property on every get_peft_model: noise, not the user's concern.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    refused = foreign_flag(parser, argv)
+    if refused:
+        parser.exit(2, f"peftlab: error: {refused}; see `peftlab {argv[0]} --help`\n")
+    args = parser.parse_args(argv)
     try:
         return run_command(args)
     except PeftlabError as exc:

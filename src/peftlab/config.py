@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import types
 import typing
@@ -30,6 +31,7 @@ PROMPT_LEARNING_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "multit
 QUANTIZATIONS = ("none", "8bit", "4bit")
 STRATEGIES = ("auto", "ddp", "fsdp")
 LABEL_SCHEMES = ("sentiment", "rating-4", "rating")
+SELECT_ON = ("val", "test", "last")
 
 
 def opt(default: Any, help: str, flag: str | None = None, factory: Any = None):
@@ -64,12 +66,17 @@ class DataConfig:
                       "stanfordnlp/imdb)", flag="--data")
     test_source: str | None = opt(None, "separate test file for table data (default: a seeded held-out "
                                   "share of --data, see test_fraction)", flag="--test-data")
+    val_source: str | None = opt(None, "separate validation file for table data (default: n_val examples "
+                                 "drawn from the training split)", flag="--val-data")
     text_column: str = opt("text", "column holding the text (table and hub data)")
     label_column: str = opt("label", "column holding the label (table and hub data)")
     id_column: str | None = opt(None, "column holding a stable example id (default: file name and row number)")
     label_map: dict | None = opt(None, "map from raw label values to class names, e.g. {0: negative, 1: positive}")
     n_train: int | None = opt(500, "training examples: a balanced, seeded sample (N=50 gives 25 per class), "
                               "0 for none (zero-shot), or 'all' for the whole training split")
+    n_val: int | None = opt(0, "validation examples that choose the best epoch: a balanced, seeded sample of the "
+                            "training split, disjoint from every training sample of any N (0: none; 'all': the "
+                            "whole --val-data file)")
     n_test: int | None = opt(2000, "test examples: a balanced, seeded subset, or 'all' for the whole split")
     data_seed: int = opt(0, "seed that picks the training sample and test subset (kept apart from --seed)")
     test_fraction: float = opt(0.2, "share of a single table file held out as the test split")
@@ -83,6 +90,10 @@ class DataConfig:
             _positive("data.n_train", self.n_train, allow_zero=True)
         if self.n_test is not None:
             _positive("data.n_test", self.n_test)
+        if self.n_val is not None:
+            _positive("data.n_val", self.n_val, allow_zero=True)
+        if self.n_val is None and self.val_source is None:
+            raise PeftlabError("data.n_val='all' needs a --val-data file; give a number of validation examples")
         if not 0.0 < self.test_fraction < 1.0:
             raise PeftlabError(f"data.test_fraction={self.test_fraction} must be between 0 and 1 (exclusive)")
 
@@ -156,6 +167,11 @@ class TrainConfig:
     strategy: str = opt("auto", "with several processes (accelerate launch, torchrun): ddp (each process holds "
                         "the whole model) or fsdp (the frozen base sharded across processes); auto: fsdp "
                         "when accelerate's config says distributed_type: FSDP, else ddp")
+    select_on: str | None = opt(None, "which examples choose the best epoch: val (the validation split; the "
+                                "test subset is scored once, with the chosen adapter), test (the study's protocol: "
+                                "the test subset after every epoch, optimistic), last (no choice: the last epoch). "
+                                "Default: val when there is a validation split, else last")
+    score_test: bool = opt(True, "score the test subset (false: validation only, as tune trials do)")
     checkpoint_every: int = opt(50, "save a checkpoint to <out>/checkpoint every this many optimiser steps "
                                 "(0: only at epoch ends; a checkpoint is always saved after each epoch)")
     resume: bool = opt(False, "continue the killed run in --out from its checkpoint (same config needed); "
@@ -174,6 +190,8 @@ class TrainConfig:
         if self.loss is not None:
             _choice("train.loss", self.loss, LOSSES)
         _choice("train.strategy", self.strategy, STRATEGIES)
+        if self.select_on is not None:
+            _choice("train.select_on", self.select_on, SELECT_ON)
 
 
 @dataclass
@@ -218,6 +236,15 @@ class RunConfig:
             # LoRA: the study's 5e-4. Prompt learning needs much larger steps (Lester et al. 2021 used 0.3;
             # 3e-2 learned best on SmolLM2, 3e-1 collapsed to one class).
             self.train.lr = 3e-2 if prompt_learning else 5e-4 if self.method.method == "lora" else 1e-3
+        has_val = self.data.n_val != 0
+        if self.train.select_on is None:
+            # Never the test subset by default: choosing the epoch on it makes the reported accuracy optimistic.
+            self.train.select_on = "val" if has_val else "last"
+        if self.train.select_on == "val" and not has_val:
+            raise PeftlabError("train.select_on=val needs a validation split: give --n-val (e.g. 200) or --val-data")
+        if self.train.select_on == "test" and not self.train.score_test:
+            raise PeftlabError("train.select_on=test needs the test subset scored; drop train.score_test=false "
+                               "or select on val")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -346,18 +373,26 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return where + " ".join(str(problem).split())
 
 
-def flatten(nested: dict, source: str) -> dict[str, Any]:
-    """Turn {'data': {'n_train': 50}} into {'data.n_train': 50}, rejecting unknown keys."""
-    known = {leaf.key for leaf in leaves()}
+def dotted(nested: dict, source: str | None = None) -> dict[str, Any]:
+    """Turn {'data': {'n_train': 50}} into {'data.n_train': 50}; keys already dotted stay as they are.
+
+    With `source`, a section that is not a mapping is an error naming it; without, it is kept as a value.
+    """
     flat = {}
     for key, value in nested.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise PeftlabError(f"{source}: section '{key}' must be a mapping")
-            for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        elif key in SECTIONS and source is not None:
+            raise PeftlabError(f"{source}: section '{key}' must be a mapping")
         else:
             flat[key] = value
+    return flat
+
+
+def flatten(nested: dict, source: str) -> dict[str, Any]:
+    """`dotted`, rejecting unknown keys (with a suggestion for a near miss)."""
+    known = {leaf.key for leaf in leaves()}
+    flat = dotted(nested, source)
     for key in flat:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
@@ -390,3 +425,46 @@ def config_from_dict(nested: dict) -> RunConfig:
 
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# --- Run identity: when are two configs the same run? -------------------------------------------------
+# One definition, used by the results store (cell keys, finished cells), checkpoints (resume) and
+# finished-run checks, so that they can never disagree about it.
+
+# Settings that say where a run is written, how it is restarted or where it is logged, not what it computes.
+NOT_IN_IDENTITY = ("out", "overwrite", "train.resume", "train.checkpoint_every", "train.report_to")
+# Fields added after runs were first stored, with the value that reproduces what those runs did (where
+# that is not the field's default). Before train.select_on existed, the best epoch was chosen on test.
+BEFORE_FIELD = {"train.select_on": "test"}
+
+
+def identity(config: RunConfig | dict) -> dict[str, Any]:
+    """The dotted settings that decide what a run computes (its config less NOT_IN_IDENTITY)."""
+    flat = dotted(config.to_dict() if isinstance(config, RunConfig) else config)
+    return {k: v for k, v in flat.items() if k not in NOT_IN_IDENTITY}
+
+
+def identity_differences(stored: dict, current: RunConfig) -> list[str]:
+    """Dotted keys in which a stored config (perhaps from a peftlab with fewer fields) is another run.
+
+    Every field both know must be equal; a field the stored config lacks must hold what runs did before
+    it existed (BEFORE_FIELD, else its default). So a stored run survives peftlab gaining a config field,
+    but not a changed value; a field this peftlab no longer has makes it another run.
+    """
+    defaults = {leaf.key: leaf.default for leaf in leaves()}
+    old, new = identity(stored), identity(current)
+    differs = sorted(set(old) - set(new))
+    for key, value in new.items():
+        expected = old[key] if key in old else BEFORE_FIELD.get(key, defaults.get(key))
+        if _canonical(value) != _canonical(expected):
+            differs.append(key)
+    return differs
+
+
+def run_key(config: RunConfig) -> str:
+    """A stable 12-hex-digit hash of a run's identity: the same run has the same key on any machine."""
+    return hashlib.sha256(_canonical(identity(config)).encode()).hexdigest()[:12]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

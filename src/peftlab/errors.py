@@ -1,4 +1,4 @@
-"""The exception types for user mistakes and exhausted resources (GUIDE rule 8).
+"""The exception types for user mistakes and exhausted resources.
 
 A `PeftlabError` is caught once, in the CLI, and printed as one line with a non-zero exit status.
 Any other exception is a bug in peftlab and keeps its traceback. Running out of memory or disk is

@@ -1,10 +1,13 @@
 """Run folders: everything a run writes, written atomically so a crash never leaves half a file.
 
     <out>/config.yaml        the resolved config, written first (rerun with `peftlab rerun <out>`)
-    <out>/metrics.json       metrics, per-epoch history, timings, versions, hardware, git commit
+    <out>/metrics.json       metrics, per-epoch history, timings, versions, hardware, git commit;
+                             written last: its presence marks a finished run
     <out>/predictions.jsonl  one line per example: id, label, pred, correct, scores
     <out>/adapter/           adapter_config.json + adapter_model.safetensors (plain peft) + peftlab.json
     <out>/checkpoint/        while training: what --resume continues from (peftlab.train.checkpoint)
+
+`RunFolder` owns this layout: nothing else names these files.
 """
 
 from __future__ import annotations
@@ -15,12 +18,91 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from peftlab.errors import DISK_FULL_ERRNOS, DiskFull, PeftlabError
 
 RECORD_FILE = "peftlab.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The folder of one run and the files in it (see the module docstring)."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, out: str | Path) -> "RunFolder":
+        return cls(prepare_out_dir(out))
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def predictions_file(self) -> Path:
+        return self.path / "predictions.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    def write_config(self, config_yaml: str, command: str) -> None:
+        """config.yaml, headed by the command that reruns it; written first, so a killed run says what it was."""
+        header = f"# peftlab {command} --config config.yaml   (or: peftlab rerun <this folder>)\n"
+        atomic_write_text(self.config_file, header + config_yaml)
+
+    def finish(self, metrics: dict, predictions: list[dict]) -> None:
+        """Predictions, then metrics.json (last: it marks the run finished), then drop the checkpoint."""
+        write_jsonl(self.predictions_file, predictions)
+        write_json(self.metrics_file, metrics)
+        shutil.rmtree(self.checkpoint, ignore_errors=True)  # a finished run needs none
+
+    def finished_metrics(self) -> dict | None:
+        """metrics.json of a finished run in this folder; None if there is none (or it is damaged)."""
+        try:
+            return json.loads(self.metrics_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def save_adapter(self, peft_model, record: dict) -> str:
+        """The adapter in plain peft format plus peftlab's `record` of it; returns the weights' sha256.
+
+        Written to a temporary folder first, then moved file by file with os.replace (weights first,
+        the record last), so that a kill or a full disk never leaves half a file in adapter/.
+        """
+        folder = self.adapter
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".adapter-"))
+        try:
+            try:
+                peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            except Exception as exc:  # safetensors reports a full disk as its own error type
+                if "No space left" not in str(exc):
+                    raise
+                raise DiskFull(f"disk full while saving the adapter to {folder}: free space on that disk or "
+                               "choose another --out; files written before are intact") from None
+            write_json(tmp / RECORD_FILE, record)
+            folder.mkdir(exist_ok=True)
+            names = sorted(p.name for p in tmp.iterdir())
+            for name in sorted(names, key=lambda n: (n == RECORD_FILE, n != ADAPTER_FILE)):
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp / name, folder / name)
+            fsync_dir(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return sha256_file(folder / ADAPTER_FILE)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -11,48 +11,36 @@ A preloaded `(model, tokenizer)` can be passed in, so that a sweep loads its bas
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from peftlab.config import RunConfig, dump_yaml
+from peftlab.config import RunConfig, dump_yaml, identity_differences
 from peftlab.data import LabelledSplits, load_splits, select_splits
+from peftlab.data.sampling import Samples
 from peftlab.data.examples import Example, replace_lone_surrogates
 from peftlab.data.sources import imdb_classes
 from peftlab.distributed import SINGLE, Cluster, join_cluster
-from peftlab.errors import DiskFull, PeftlabError, resource_errors
-from peftlab.evaluate.calibration import decide
+from peftlab.errors import PeftlabError, resource_errors
+from peftlab.evaluate.calibration import decide, fit_validation_prior
 from peftlab.evaluate.metrics import classification_metrics
 from peftlab.evaluate.scoring import ScoreResult, build_rows, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
 from peftlab.models.loading import resolve_model_source
 from peftlab.models.methods import detach_method, enable_gradient_checkpointing, peft_type_name, prompt_init_ids
 from peftlab.prompts import PromptEncoder, build_prompt_encoder
-from peftlab.records import (
-    RECORD_FILE,
-    atomic_write_text,
-    fsync_dir,
-    prepare_out_dir,
-    read_adapter_record,
-    sha256_file,
-    write_json,
-    write_jsonl,
-)
+from peftlab.records import RunFolder, read_adapter_record
 from peftlab.repro import git_commit, hardware, peak_memory_mb, set_seed, versions
-from peftlab.train.checkpoint import Checkpoints, differences, load_trainable, trainable_state
-from peftlab.train.loop import fit
-
-CHECKPOINT_DIR = "checkpoint"
-ADAPTER_FILE = "adapter_model.safetensors"
-# Settings that do not change what a run computes: a resumed or rerun run may differ in them.
-NOT_IN_FINGERPRINT = ("out", "train.resume", "train.checkpoint_every")
+from peftlab.train.checkpoint import Checkpoints, load_trainable
+from peftlab.train.loop import EpochRecord, Objective, fit
+from peftlab.train.selection import BestEpoch, selected_on_val
 
 
 @dataclass
@@ -61,8 +49,40 @@ class Task:
 
     splits: LabelledSplits
     train: list[Example]
+    val: list[Example]
     test: list[Example]
     encoder: PromptEncoder
+
+
+@dataclass
+class Run:
+    """What run_eval and run_train share once their prologue (open_run) is done."""
+
+    config: RunConfig
+    command: str
+    cluster: Cluster
+    folder: RunFolder | None   # None on processes other than rank 0: rank 0 alone writes
+    model: object
+    tokenizer: object
+    task: Task
+    progress: bool
+    start: float
+
+    def evaluate(self, model, examples: list[Example], desc: str) -> tuple[dict, list[dict]]:
+        with resource_errors("evaluating", memory_fix(self.config, training=False)):
+            offsets = fit_validation_prior(model, self.tokenizer, self.task.encoder, self.task.val,  # issue 13 hook
+                                           self.config.eval) if self.config.eval.calibration == "val" else None
+            metrics, predictions, _ = evaluate_examples(model, self.tokenizer, self.task.encoder, examples,
+                                                        self.config, progress=self.progress, desc=desc,
+                                                        cluster=self.cluster, val_offsets=offsets)
+        return metrics, predictions
+
+    def finish(self, metrics: dict, predictions: list[dict]) -> dict:
+        """Write predictions and metrics (rank 0), and return the metrics with the run folder in them."""
+        metrics["out"] = str(self.folder.path) if self.folder else self.config.out
+        if self.folder is not None:
+            self.folder.finish(metrics, predictions)
+        return metrics
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -77,19 +97,36 @@ def default_out(command: str) -> Path:
 def load_task(config: RunConfig, tokenizer, n_train: int | None = None, splits: LabelledSplits | None = None) -> Task:
     """Read the data, pick the seeded balanced samples and build the prompt encoder."""
     splits = splits or load_splits(config.data)
-    train, test = select_splits(splits, config.data.n_train if n_train is None else n_train,
-                                config.data.n_test, config.data.data_seed)
+    return make_task(config, tokenizer, splits, sample_task(config, splits, n_train))
+
+
+def sample_task(config: RunConfig, splits: LabelledSplits, n_train: int | None = None) -> Samples:
+    data = config.data
+    return select_splits(splits, data.n_train if n_train is None else n_train, data.n_test, data.data_seed,
+                         data.n_val)
+
+
+def make_task(config: RunConfig, tokenizer, splits: LabelledSplits, samples: Samples) -> Task:
     encoder = build_prompt_encoder(tokenizer, config.prompt, splits.classes, splits.is_imdb,  # issue 13 hook: shots
                                    splits.train, config.data.data_seed)
-    return Task(splits=splits, train=train, test=test, encoder=encoder)
+    return Task(splits=splits, train=samples.train, val=samples.val, test=samples.test, encoder=encoder)
 
 
-def check_data(config: RunConfig, n_train: int | None = None) -> LabelledSplits:
-    """Read and sample the data before any heavy work, so that data mistakes fail in seconds."""
+def open_run(config: RunConfig, command: str, model, tokenizer, progress: bool | None, n_train: int | None = None
+             ) -> Run:
+    """The prologue of every run: processes, run folder, data (sampled once, before any heavy work, so that
+    data mistakes fail in seconds), config.yaml, the base model and the prompt encoder."""
+    start, progress = time.perf_counter(), show_progress(progress)
+    cluster = join_cluster(config.model, config.train.strategy)  # one process unless launched on several
+    folder = RunFolder.create(config.out or default_out(command)) if cluster.is_main else None
     splits = load_splits(config.data)
-    select_splits(splits, config.data.n_train if n_train is None else n_train, config.data.n_test,
-                  config.data.data_seed)
-    return splits
+    samples = sample_task(config, splits, n_train)
+    if folder is not None:
+        folder.write_config(dump_yaml(config), command)
+    if model is None:
+        model, tokenizer = load_base_model(cluster.model_config(config.model))
+    task = make_task(config, tokenizer, splits, samples)
+    return Run(config, command, cluster, folder, model, tokenizer, task, progress and cluster.is_main, start)
 
 
 def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[Example], config: RunConfig,
@@ -131,19 +168,6 @@ def run_record(config: RunConfig, encoder: PromptEncoder, model) -> dict:
             "hardware": hardware(), "git_commit": git_commit()}
 
 
-def write_config(out: Path, config: RunConfig, command: str) -> None:
-    """config.yaml, headed by the command that reruns it; written first, so a killed run says what it was."""
-    header = f"# peftlab {command} --config config.yaml   (or: peftlab rerun <this folder>)\n"
-    atomic_write_text(out / "config.yaml", header + dump_yaml(config))
-
-
-def write_run(out: Path, config: RunConfig, metrics: dict, predictions: list[dict], command: str) -> None:
-    metrics["out"] = str(out)
-    write_config(out, config, command)
-    write_jsonl(out / "predictions.jsonl", predictions)
-    write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run
-
-
 def memory_fix(config: RunConfig, training: bool) -> str:
     """What to lower when memory runs out, with the values in use."""
     train = (f"lower --batch-size (now {config.train.batch_size}; raise --grad-accum to keep the effective "
@@ -154,194 +178,204 @@ def memory_fix(config: RunConfig, training: bool) -> str:
 
 
 def run_eval(config: RunConfig, model=None, tokenizer=None, progress: bool | None = None) -> dict:
-    """Zero-shot evaluation (or evaluation of `config.adapter`); writes the run folder."""
-    start, progress = time.perf_counter(), show_progress(progress)
-    cluster = join_cluster(config.model, config.train.strategy)  # one process unless launched on several
-    progress = progress and cluster.is_main
-    out = prepare_out_dir(config.out or default_out("eval")) if cluster.is_main else None  # rank 0 writes
-    splits = check_data(config, n_train=0)
-    if cluster.is_main:
-        write_config(out, config, "eval")
-    if model is None:
-        model, tokenizer = load_base_model(cluster.model_config(config.model))
-    task = load_task(config, tokenizer, n_train=0, splits=splits)
-    if config.adapter:
-        model = load_adapter(model, config.adapter)
-    model = cluster.prepare_model(model)
-    load_s = time.perf_counter() - start
-    with resource_errors("evaluating", memory_fix(config, training=False)):
-        metrics, predictions, _ = evaluate_examples(model, tokenizer, task.encoder, task.test, config, progress,
-                                                    cluster=cluster)
-    metrics.update(run_record(config, task.encoder, model), command="eval", adapter=config.adapter,
-                   timings={"load_s": load_s, "eval_s": metrics["eval_seconds"],
-                            "total_s": time.perf_counter() - start},
-                   peak_memory_mb=peak_memory_mb(next(model.parameters()).device), distributed=cluster.record())
-    if cluster.is_main:
-        write_run(out, config, metrics, predictions, "eval")
-    metrics["out"] = str(out or config.out)
-    return metrics
+    """Zero-shot evaluation (or evaluation of `config.adapter`) of the test subset; writes the run folder."""
+    run = open_run(config, "eval", model, tokenizer, progress, n_train=0)
+    model = load_adapter(run.model, config.adapter) if config.adapter else run.model
+    model = run.cluster.prepare_model(model)
+    load_s = time.perf_counter() - run.start
+    metrics, predictions = run.evaluate(model, run.task.test, "evaluating")
+    metrics.update(run_record(config, run.task.encoder, model), command="eval", adapter=config.adapter,
+                   evaluated_on="test", timings={"load_s": load_s, "eval_s": metrics["eval_seconds"],
+                                                 "total_s": time.perf_counter() - run.start},
+                   peak_memory_mb=peak_memory_mb(next(model.parameters()).device), distributed=run.cluster.record())
+    return run.finish(metrics, predictions)
 
 
-def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | None = None) -> dict:
-    """Train a fresh adapter, evaluate after every epoch, keep the best epoch; writes the run folder.
+def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | None = None,
+              on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train a fresh adapter, evaluate after every epoch, keep the chosen epoch; writes the run folder.
 
+    `train.select_on` chooses the epoch: on the validation split (the test subset is then scored once,
+    with the chosen adapter), on the test subset after every epoch (the study's protocol), or the last.
+    `on_epoch(epoch, {"epoch", "train_loss", "val", "test"})` is called after each epoch's evaluation;
+    what it raises (e.g. optuna.TrialPruned) ends the run, with the adapter removed from `model`.
     The run checkpoints itself into <out>/checkpoint; with `train.resume` a killed run continues
     from there (and a finished one is returned as it is).
     """
-    start, progress = time.perf_counter(), show_progress(progress)
-    peft_type_name(config.method.method)  # an unknown method fails before any heavy work
-    if config.data.n_train == 0:
-        raise PeftlabError("data.n_train is 0: there is nothing to train on; give --n-train")
-    cluster = join_cluster(config.model, config.train.strategy)  # one process unless launched on several
-    if cluster.distributed and config.train.resume:
-        raise PeftlabError("--resume of a run on several processes is not supported yet; rerun it from the start")
-    progress = progress and cluster.is_main
-    out = (prepare_out_dir(config.out or default_out("train")) if cluster.is_main  # rank 0 alone writes
-           else Path(config.out or default_out("train")).expanduser())
-    if config.train.resume and (finished := finished_run(out, config)) is not None:
+    check_trainable(config)
+    if config.train.resume and (finished := finished_run(Path(config.out or ""), config)) is not None:
         return finished
-    splits = check_data(config)
-    if cluster.is_main:
-        write_config(out, config, "train")
-    if model is None:
-        model, tokenizer = load_base_model(cluster.model_config(config.model))
-    task = load_task(config, tokenizer, splits=splits)
-    set_seed(config.train.seed)
-    init_ids = prompt_init_ids(config.method, tokenizer, task.encoder.instruction, task.encoder.label_ids)
-    peft_model = attach_method(model, config.method, init_ids, config.train.seed)
-    if config.train.gradient_checkpointing:
-        enable_gradient_checkpointing(peft_model)
-    peft_model = cluster.prepare_model(peft_model)  # fsdp: shard the frozen base across the processes
-    trainable, total = trainable_parameters(peft_model)  # counted now: detach_method removes the adapter
-    load_s = time.perf_counter() - start
-
-    encoded = task.encoder.encode(task.train, tokenizer)
-    rows = build_rows(encoded, task.encoder.label_ids, gold_only=config.train.loss == "lm")
-    gold = [e.label for e in encoded]
-    lr = config.train.lr  # resolved per method by RunConfig.__post_init__
-    run_fingerprint = fingerprint(config, task.train)
-    checkpoints = Checkpoints(out / CHECKPOINT_DIR, config.train.checkpoint_every, run_fingerprint)
-    resumed = config.train.resume and checkpoints.load()
-    best = checkpoints.extra  # the best epoch so far: epoch, metrics, predictions (saved with each checkpoint)
+    run = open_run(config, "train", model, tokenizer, progress)
+    if not run.task.train:
+        raise PeftlabError("the training sample is empty: there is nothing to train on; give --n-train")
+    peft_model, (trainable, total) = attach_trainee(run)
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
-    if best and adapter_epoch(out / "adapter") != best["epoch"]:
-        # Killed between saving a new best adapter and the checkpoint that records it: put the
-        # recorded best back (fit then restores the latest weights from the checkpoint).
-        load_trainable(params, checkpoints.extra_tensors)
-        save_adapter(peft_model, out / "adapter", config, task.encoder, best["epoch"])
-
-    def on_epoch_end(epoch: int) -> dict:
-        metrics, predictions, _ = evaluate_examples(peft_model, tokenizer, task.encoder, task.test, config,
-                                                    progress, desc=f"eval epoch {epoch}", cluster=cluster)
-        if not best or metrics["accuracy"] > best["metrics"]["accuracy"]:
-            best.update(epoch=epoch, metrics=metrics, predictions=predictions)
-            checkpoints.extra_tensors = trainable_state(params)
-            if cluster.is_main:
-                save_adapter(peft_model, out / "adapter", config, task.encoder, epoch)
-        return metrics
-
+    best = BestEpoch(config.train.select_on)
+    checkpoints = Checkpoints(run.folder.checkpoint if run.folder else Path(config.out or "."),
+                              config.train.checkpoint_every, config, sample_sha256(run.task), state=best)
+    resumed = config.train.resume and checkpoints.load()
+    load_s = time.perf_counter() - run.start
+    objective = training_objective(run)
+    if run.progress:
+        print(plan_line(run, peft_model, objective), file=sys.stderr, flush=True)
     try:
         with resource_errors("training", memory_fix(config, training=True)):
-            history = fit(peft_model, rows, gold, len(task.encoder.classes), tokenizer.pad_token_id,
-                          position_offset(peft_model), config.train, lr, on_epoch_end, progress,
-                          None if cluster.distributed else checkpoints, cluster=cluster)
+            history = fit(peft_model, objective, config.train,
+                          epoch_evaluator(run, peft_model, best, params, on_epoch), run.progress,
+                          None if run.cluster.distributed else checkpoints, cluster=run.cluster)
+        metrics, predictions, adapter_sha256 = chosen_result(run, peft_model, best, params)
     finally:
-        if cluster.strategy != "fsdp":  # a sharded model stays sharded: its process ends with the run
+        if run.cluster.strategy != "fsdp":  # a sharded model stays sharded: its process ends with the run
             detach_method(peft_model)  # the caller's base model comes back untouched, e.g. for the next cell
-    metrics = dict(best["metrics"])
-    train_s = sum(h.seconds for h in history)
-    train_tokens = sum(h.tokens for h in history)
-    metrics.update(run_record(config, task.encoder, peft_model), trainable_parameters=trainable,
-                   total_parameters=total, command="train", lr=lr, best_epoch=best["epoch"],
-                   per_epoch=[{"epoch": h.epoch, "accuracy": h.metrics["accuracy"], "ci95": h.metrics["ci95"],
-                               "train_loss": h.loss, "train_seconds": h.seconds,
-                               "train_tokens_per_s": h.tokens / h.seconds if h.seconds else 0.0,
-                               "eval_seconds": h.metrics["eval_seconds"]} for h in history],
-                   n_train=len(task.train), train_ids_sha256=run_fingerprint["train_ids_sha256"],
-                   train_tokens=train_tokens,
-                   train_tokens_per_s=train_tokens / train_s if train_s else 0.0,
-                   adapter_sha256=sha256_file(out / "adapter" / ADAPTER_FILE) if cluster.is_main else None,
+    metrics.update(run_record(config, run.task.encoder, peft_model), trainable_parameters=trainable,
+                   total_parameters=total, adapter_sha256=adapter_sha256,
                    resumed_from={k: checkpoints.loaded["position"][k] for k in ("epoch", "batch")} if resumed else None,
-                   timings={"load_s": load_s, "train_s": train_s,
-                            "eval_s": sum(h.metrics["eval_seconds"] for h in history),
-                            "total_s": time.perf_counter() - start},
-                   peak_memory_mb=peak_memory_mb(next(peft_model.parameters()).device), distributed=cluster.record())
-    if cluster.is_main:
-        write_run(out, config, metrics, best["predictions"], "train")
-        checkpoints.remove()  # after metrics.json: a kill in between leaves a finished run, which resume returns
-    metrics["out"] = str(out)
-    return metrics
+                   **training_summary(run, history, best, load_s),
+                   peak_memory_mb=peak_memory_mb(next(peft_model.parameters()).device),
+                   distributed=run.cluster.record())
+    return run.finish(metrics, predictions)
 
 
-def fingerprint(config: RunConfig, train: list[Example]) -> dict:
-    """What a training run computes: its config (less NOT_IN_FINGERPRINT) and its training sample."""
-    ids = "\n".join(ex.id for ex in train).encode("utf-8", "surrogatepass")
-    return {"config": comparable_config(config.to_dict()), "train_ids_sha256": hashlib.sha256(ids).hexdigest()}
+def check_trainable(config: RunConfig) -> None:
+    """Mistakes a training run can see in its config alone, before any heavy work."""
+    peft_type_name(config.method.method)  # an unknown method fails here
+    if config.data.n_train == 0:
+        raise PeftlabError("data.n_train is 0: there is nothing to train on; give --n-train")
+    if config.train.resume and join_cluster(config.model, config.train.strategy).distributed:
+        raise PeftlabError("--resume of a run on several processes is not supported yet; rerun it from the start")
 
 
-def comparable_config(config: dict) -> dict:
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for key in NOT_IN_FINGERPRINT:
-        section, _, name = key.rpartition(".")
-        (config.get(section, {}) if section else config).pop(name, None)
-    return config
+def attach_trainee(run: Run):
+    """A fresh, seeded adapter on the base model, ready to train; and its (trainable, total) parameters."""
+    set_seed(run.config.train.seed)
+    encoder = run.task.encoder
+    init_ids = prompt_init_ids(run.config.method, run.tokenizer, encoder.instruction, encoder.label_ids)
+    peft_model = attach_method(run.model, run.config.method, init_ids, run.config.train.seed)
+    if run.config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    peft_model = run.cluster.prepare_model(peft_model)  # fsdp: shard the frozen base across the processes
+    return peft_model, trainable_parameters(peft_model)  # counted now: detach_method removes the adapter
+
+
+def training_objective(run: Run) -> Objective:
+    encoded = run.task.encoder.encode(run.task.train, run.tokenizer)
+    rows = build_rows(encoded, run.task.encoder.label_ids, gold_only=run.config.train.loss == "lm")
+    return Objective(rows=rows, labels=[e.label for e in encoded], n_classes=len(run.task.encoder.classes),
+                     pad_id=run.tokenizer.pad_token_id, loss=run.config.train.loss)
+
+
+def plan_line(run: Run, peft_model, objective: Objective) -> str:
+    """What the run will do and about how long it takes here (experiments.estimate.run_plan)."""
+    from peftlab.experiments.estimate import run_plan, scored_examples
+
+    offset = position_offset(peft_model)
+    tokens = [sum(len(row.seq) + offset for row in rows) for rows in objective.rows]
+    mean = sum(tokens) / max(len(tokens), 1)
+    scored = scored_examples(run.config, len(run.task.test), trains=True) if run.config.train.score_test else \
+        len(run.task.val) * run.config.train.epochs
+    examples = (f"{len(run.task.train)} training examples x {run.config.train.epochs} epochs, "
+                f"{len(run.task.val)} validation, {len(run.task.test)} test (epoch chosen: {run.config.train.select_on})")
+    return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples)
+
+
+def epoch_evaluator(run: Run, peft_model, best: BestEpoch, params: dict, on_epoch) -> Callable[[EpochRecord], dict]:
+    """fit's end-of-epoch step: score the validation split (and the test subset when it chooses), keep the
+    chosen epoch, print one line, and call the caller's `on_epoch`."""
+    select_on = run.config.train.select_on
+
+    def on_epoch_end(record: EpochRecord) -> dict:
+        evaluations, predictions = {}, None
+        if run.task.val:
+            evaluations["val"], _ = run.evaluate(peft_model, run.task.val, f"val epoch {record.epoch}")
+        if select_on == "test":
+            evaluations["test"], predictions = run.evaluate(peft_model, run.task.test, f"test epoch {record.epoch}")
+        best.consider(record.epoch, evaluations, params, predictions)
+        if run.progress:
+            print(epoch_line(record, evaluations, run.config.train.epochs), file=sys.stderr, flush=True)
+        if on_epoch is not None:
+            on_epoch(record.epoch, {"epoch": record.epoch, "train_loss": record.loss, "val": evaluations.get("val"),
+                                    "test": evaluations.get("test")})
+        return evaluations
+
+    return on_epoch_end
+
+
+def epoch_line(record: EpochRecord, evaluations: dict, epochs: int) -> str:
+    """`epoch 1/2: train loss 0.4123 (512 tok/s), val accuracy 81.50% (76.1-85.8)`."""
+    speed = f" ({record.tokens / record.seconds:.0f} tok/s)" if record.seconds else ""
+    parts = [f"epoch {record.epoch}/{epochs}: train loss {record.loss:.4f}{speed}"]
+    for split in ("val", "test"):
+        if split in evaluations:
+            m = evaluations[split]
+            parts.append(f"{split} accuracy {m['accuracy']:.2%} ({m['ci95'][0]:.1%}-{m['ci95'][1]:.1%})")
+    return ", ".join(parts)
+
+
+def chosen_result(run: Run, peft_model, best: BestEpoch, params: dict) -> tuple[dict, list[dict], str | None]:
+    """Put the chosen epoch's weights back, save them as the adapter, and score the test subset once
+    (unless the test subset chose the epoch, whose scores are kept, or test scoring is off)."""
+    if best.weights:
+        load_trainable(params, best.weights)
+    sha = None
+    if run.folder is not None:
+        record = {"config": run.config.to_dict(), "prompt": run.task.encoder.record(), "epoch": best.epoch,
+                  "versions": versions()}
+        sha = run.folder.save_adapter(peft_model, record)
+    if best.select_on == "test":
+        return dict(best.record["test"], evaluated_on="test"), best.predictions, sha
+    if not run.config.train.score_test:  # validation only (tune trials): the test subset is never looked at
+        return dict(best.record["val"], evaluated_on="val"), [], sha
+    metrics, predictions = run.evaluate(peft_model, run.task.test, "test")
+    return dict(metrics, evaluated_on="test"), predictions, sha
+
+
+def training_summary(run: Run, history: list[EpochRecord], best: BestEpoch, load_s: float) -> dict:
+    """The training part of metrics.json: protocol, chosen epoch, per-epoch history, sizes, timings."""
+    per_epoch = [epoch_summary(h) for h in history]
+    train_s, train_tokens = sum(h.seconds for h in history), sum(h.tokens for h in history)
+    eval_s = sum(h["eval_seconds"] for h in per_epoch)
+    test_in_epochs = sum(1 for h in history if "test" in h.metrics)
+    final_test = run.config.train.select_on != "test" and run.config.train.score_test
+    return {"command": "train", "lr": run.config.train.lr, "selected_on": best.select_on, "best_epoch": best.epoch,
+            "val": best.record.get("val"), "selected_on_val": selected_on_val(per_epoch),
+            "test_evaluations": test_in_epochs + final_test, "per_epoch": per_epoch,
+            "n_train": len(run.task.train), "n_val": len(run.task.val),
+            "train_ids_sha256": ids_sha256(run.task.train), "train_tokens": train_tokens,
+            "train_tokens_per_s": train_tokens / train_s if train_s else 0.0,
+            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s,
+                        "total_s": time.perf_counter() - run.start}}
+
+
+def epoch_summary(h: EpochRecord) -> dict:
+    entry = {"epoch": h.epoch, "train_loss": h.loss, "train_seconds": h.seconds,
+             "train_tokens_per_s": h.tokens / h.seconds if h.seconds else 0.0,
+             "eval_seconds": sum(m["eval_seconds"] for m in h.metrics.values())}
+    for split, prefix in (("test", ""), ("val", "val_")):
+        if split in h.metrics:
+            entry.update({f"{prefix}accuracy": h.metrics[split]["accuracy"], f"{prefix}ci95": h.metrics[split]["ci95"]})
+    return entry
+
+
+def ids_sha256(examples: list[Example]) -> str:
+    return hashlib.sha256("\n".join(ex.id for ex in examples).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def sample_sha256(samples: Task | Samples) -> str:
+    """What a run trains on and chooses its epoch with (a checkpoint of other examples is another run)."""
+    return ids_sha256(samples.train) + ("/" + ids_sha256(samples.val) if samples.val else "")
 
 
 def finished_run(out: Path, config: RunConfig) -> dict | None:
-    """The metrics of a finished run of this config in `out` (for --resume), None if there is none."""
-    path = out / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # half-finished or damaged: train again (the checkpoint, if any, is used)
-    if metrics.get("command") != "train":
-        return None
-    differs = differences(comparable_config(metrics.get("config", {})), comparable_config(config.to_dict()))
+    """The metrics of a finished training run of this config in `out` (for --resume), None if there is none."""
+    metrics = RunFolder(out).finished_metrics()
+    if metrics is None or metrics.get("command") != "train":
+        return None  # none, half-finished or damaged: train again (the checkpoint, if any, is used)
+    differs = identity_differences(metrics.get("config", {}), config)
     if differs:
         raise PeftlabError(f"--out {out} holds a finished run of another config (it differs in "
                            f"{', '.join(differs[:5])}); choose another --out")
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # a kill after metrics.json can leave one behind
+    shutil.rmtree(RunFolder(out).checkpoint, ignore_errors=True)  # a kill after metrics.json can leave one behind
     return metrics
-
-
-def adapter_epoch(folder: Path) -> int | None:
-    try:
-        record = read_adapter_record(folder)
-    except PeftlabError:
-        return None
-    return record.get("epoch") if record else None
-
-
-def save_adapter(peft_model, folder: Path, config: RunConfig, encoder: PromptEncoder, epoch: int | None = None
-                 ) -> None:
-    """The adapter in plain peft format, plus peftlab's record of how it was trained and prompted.
-
-    Written to a temporary folder first, then moved file by file with os.replace (weights first,
-    the record last), so that a kill or a full disk never leaves half a file in `folder`.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".adapter-"))
-    try:
-        try:
-            peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        except Exception as exc:  # safetensors reports a full disk as its own error type
-            if "No space left" not in str(exc):
-                raise
-            raise DiskFull(f"disk full while saving the adapter to {folder}: free space on that disk or choose "
-                           "another --out; files written before are intact") from None
-        write_json(tmp / RECORD_FILE, {"config": config.to_dict(), "prompt": encoder.record(), "epoch": epoch,
-                                       "versions": versions()})
-        folder.mkdir(exist_ok=True)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in sorted(names, key=lambda n: (n == RECORD_FILE, n != ADAPTER_FILE)):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp / name, folder / name)
-        fsync_dir(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, classes: list[str] | None = None,
@@ -351,9 +385,11 @@ def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, cla
         raise PeftlabError("no texts to classify: give them as arguments, with --file, or on stdin")
     if model is None:
         model, tokenizer = load_base_model(config.model)
+    record = read_adapter_record(config.adapter) if config.adapter else None
     if config.adapter:
         model = load_adapter(model, config.adapter)
-    classes = classes or list(config.prompt.label_words or imdb_classes(config.data.labels))  # issue 13: rating-4
+    classes = classes or (record["prompt"]["classes"] if record else None) or \
+        list(config.prompt.label_words or imdb_classes(config.data.labels))  # issue 13: rating-4
     encoder = build_prompt_encoder(tokenizer, config.prompt, classes, is_imdb)
     # Untrusted text: lone surrogates (from JSON escapes) cannot be tokenised or printed as UTF-8.
     texts = [replace_lone_surrogates(str(t)) for t in texts]

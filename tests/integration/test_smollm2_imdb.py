@@ -36,7 +36,13 @@ def lora_run(smollm2, imdb_archive, tmp_path_factory):
 
 def test_zero_shot_scores_every_review(zero_shot):
     assert zero_shot["n"] == 400 and sum(map(sum, zero_shot["confusion"]["matrix"])) == 400
-    assert 0.5 <= zero_shot["accuracy"] <= 0.75  # measured 0.648 on 2000 reviews: above chance, far below trained
+    # These 400 are the first 200 per class of results/core/zero-shot's 2000 (nested sampling): 0.705 there
+    # (recall 0.62 negative, 0.79 positive; bf16). 46 of them tie in bf16, so another precision lies in
+    # 0.6225-0.7375. A scorer that always answers one class gets exactly 0.5 with one recall 0; a coin-flip
+    # scorer 0.5 +- 0.025 (one standard deviation at n=400): the floor is 3 of them above it.
+    assert 0.58 <= zero_shot["accuracy"] <= 0.75, zero_shot["accuracy"]
+    recalls = [zero_shot["per_class"][c]["recall"] for c in ("negative", "positive")]
+    assert min(recalls) >= 0.35, recalls  # both classes are predicted (0.455 at worst from the bf16 record)
     assert zero_shot["truncated_share"] > 0.3     # IMDB reviews are long
 
 

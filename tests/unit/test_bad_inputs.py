@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md"
-# Added to every command that does not give them itself (not to `rerun`, which takes no config flags).
+# Added to every command that reads them and does not give them itself (`rerun` takes none of them).
 DEFAULTS = {"--model": "{model}", "--data": "{data}", "--dtype": "fp32", "--n-train": "4", "--n-test": "4",
             "--epochs": "1", "--max-input-tokens": "32", "--out": "out"}
 
@@ -57,15 +57,26 @@ def read_catalogue(path: Path = DOC) -> list[Row]:
     return rows
 
 
+def flags_of(command: str) -> set[str]:
+    """The flags `peftlab COMMAND` offers (each command only those of the config keys it reads)."""
+    import argparse
+
+    from peftlab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices[command]._option_string_actions) if command in sub.choices else set()
+
+
 def argv_of(row: Row, paths: dict[str, str]) -> list[str]:
     words = shlex.split(row.command)
     assert words[0] == "peftlab", row.command
     words = words[1:]
-    if words[0] != "rerun":
-        for flag, value in DEFAULTS.items():
-            if flag not in words:
-                words += [flag, value]
-        words.append("--quiet") if "--quiet" not in words else None
+    offered = flags_of(words[0]) if words[0] != "rerun" else set()  # rerun's own --out is not the run's
+    for flag, value in DEFAULTS.items():
+        if flag in offered and flag not in words:
+            words += [flag, value]
+    if "--quiet" in offered and "--quiet" not in words:
+        words.append("--quiet")
     return [w.format(**paths) if "{" in w and "}" in w and w.strip("{}") in paths else w for w in words]
 
 
@@ -337,32 +348,43 @@ def _(tmp, ctx):
     import torch
 
     from peftlab.cli import build_parser, resolve_config
-    from peftlab.data import select_splits
-    from peftlab.runs import check_data, fingerprint
+    from peftlab.data import load_splits
+    from peftlab.runs import sample_sha256, sample_task
 
-    # The checkpoint of the same run, but with another learning rate.
+    # The checkpoint of the same run (same examples), but with another learning rate.
     config = resolve_config(build_parser().parse_args(ctx["argv"] + ["--lr", "0.5"]))
-    train, _ = select_splits(check_data(config), config.data.n_train, config.data.n_test, config.data.data_seed)
+    examples = sample_sha256(sample_task(config, load_splits(config.data)))
     save_file({"rng/torch": torch.get_rng_state()}, folder / "tensors-000001.safetensors")
-    state = {"format": 1, "fingerprint": fingerprint(config, train),
+    state = {"format": 1, "fingerprint": {"config": config.to_dict(), "sample_sha256": examples},
              "tensors": "tensors-000001.safetensors", "sha256": sha256_file(folder / "tensors-000001.safetensors"),
              "extra": {}}
     (folder / "state.json").write_text(json.dumps(state))
 
 
+ENORMOUS = "a great film " * 100_000  # 1.3 MB of text in one review
+
+
 @setup("enormous-review")
 def _(tmp, ctx):
-    rows = good_rows(10)
-    rows[1][0] = "a great film " * 100_000  # 1.3 MB of text in one review
-    csv_file(tmp / "reviews.csv", ["text", "label"], rows)
+    csv_file(tmp / "reviews.csv", ["text", "label"], good_rows(10))
+    # The test file: the enormous review and a short one, so that truncated_share must come out 1/2.
+    csv_file(tmp / "test.csv", ["text", "label"], [[ENORMOUS, "positive"], ["a dull film", "negative"]])
+
+
+CONTROL_TEXTS = ["a great\x00film\x07", "dull \u202e\u200b\ufeff film", "great \ud800 film", "dull </s><pad> film",
+                 "great\r\nfilm", "dull\x1b[31m film", "great film", "dull film", "great 😀 film", "dull film 2"]
+
+
+def jsonl_file(path: Path, texts: list[str]) -> None:
+    lines = [json.dumps({"text": t, "label": "positive" if i % 2 == 0 else "negative"}) for i, t in enumerate(texts)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 @setup("control-characters")
 def _(tmp, ctx):
-    texts = ["a great\x00film\x07", "dull \u202e\u200b\ufeff film", "great \ud800 film", "dull </s><pad> film",
-             "great\r\nfilm", "dull\x1b[31m film", "great film", "dull film", "great 😀 film", "dull film 2"]
-    lines = [json.dumps({"text": t, "label": "positive" if i % 2 == 0 else "negative"}) for i, t in enumerate(texts)]
-    (tmp / "reviews.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    jsonl_file(tmp / "reviews.jsonl", CONTROL_TEXTS)
+    # The test file holds the lone surrogate (a positive review) and the special-token text (a negative one).
+    jsonl_file(tmp / "test.jsonl", [CONTROL_TEXTS[2], CONTROL_TEXTS[3]])
 
 
 @setup("bom-and-crlf-csv")
@@ -383,11 +405,42 @@ def _metrics(tmp: Path) -> dict:
     return json.loads((tmp / "out" / "metrics.json").read_text())
 
 
-ACCEPTED: dict[str, Callable[[Path, str], None]] = {
-    "enormous-review": lambda tmp, out: _metrics(tmp)["n_train"] == 4 and _metrics(tmp)["truncated_share"] >= 0,
-    "control-characters": lambda tmp, out: _metrics(tmp)["n_train"] == 4 and _metrics(tmp)["n"] == 2,
-    "bom-and-crlf-csv": lambda tmp, out: _metrics(tmp)["n"] == 2,
-    "predict-untrusted-text": lambda tmp, out: len(out.splitlines()) == 5,
+def _predicted_ids(tmp: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in (tmp / "out" / "predictions.jsonl").read_text().splitlines()]
+
+
+def enormous_review_truncated(tmp: Path, out: str, model_dir: Path) -> bool:
+    # Both test reviews scored, and exactly one of the two cut: the enormous one (the other has 3 words).
+    metrics = _metrics(tmp)
+    return metrics["n_train"] == 4 and metrics["n"] == 2 and metrics["truncated_share"] == 0.5 and \
+        len(_predicted_ids(tmp)) == 2
+
+
+def control_characters_as_text(tmp: Path, out: str, model_dir: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    from peftlab.config import DataConfig, PromptConfig
+    from peftlab.data import load_splits
+    from peftlab.prompts import build_prompt_encoder
+
+    metrics = _metrics(tmp)
+    config = DataConfig(**{k: v for k, v in metrics["config"]["data"].items()})  # as the run read its data
+    test = sorted(load_splits(config).test, key=lambda e: e.label)  # [negative, positive]
+    assert sorted(_predicted_ids(tmp)) == sorted(e.id for e in test)  # both were scored
+    assert test[1].text == "great \ufffd film"  # the lone surrogate became U+FFFD, the rest kept
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoder = build_prompt_encoder(tokenizer, PromptConfig(max_input_tokens=32), ["negative", "positive"], True)
+    [encoded] = encoder.encode([test[0]], tokenizer)  # "dull </s><pad> film"
+    inner = encoded.prompt_ids[len(encoder.prefix_ids):len(encoded.prompt_ids) - len(encoder.suffix_ids)]
+    assert tokenizer.eos_token_id not in inner and tokenizer.pad_token_id not in inner  # text, not tokens
+    return metrics["n_train"] == 4 and metrics["n"] == 2
+
+
+ACCEPTED: dict[str, Callable[[Path, str, Path], bool]] = {
+    "enormous-review": enormous_review_truncated,
+    "control-characters": control_characters_as_text,
+    "bom-and-crlf-csv": lambda tmp, out, model_dir: _metrics(tmp)["n"] == 2,
+    "predict-untrusted-text": lambda tmp, out, model_dir: len(out.splitlines()) == 5,
 }
 
 
@@ -445,7 +498,7 @@ def test_bad_input(row, tmp_path, tiny_model_dir, imdb_dir, monkeypatch):
     assert "Traceback" not in err
     if row.accepted:
         assert code == 0, err
-        assert ACCEPTED[row.id](tmp_path, out), out
+        assert ACCEPTED[row.id](tmp_path, out, tiny_model_dir), out
         return
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("peftlab: error: "), err

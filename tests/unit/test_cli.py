@@ -1,6 +1,7 @@
 """The CLI end to end on the tiny model: the output tree, adapters other tools load, clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -50,40 +51,64 @@ def test_eval_of_the_adapter_reproduces_the_training_predictions(trained, imdb_d
             assert a["scores"][c] == pytest.approx(b["scores"][c], abs=1e-4)
 
 
-def test_plain_peft_loads_the_adapter_and_gives_the_same_scores(trained, tiny_model_dir, imdb_dir):
+def plain_peft_scores(adapter, model_dir, texts, max_input_tokens=40):
+    """Label-word log-probabilities of each text from plain transformers + peft: one full forward pass per
+    (text, label word), no peftlab scoring code; `adapter=None` scores the bare base model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftlab.config import DataConfig, PromptConfig
-    from peftlab.data import load_splits
+    from peftlab.config import PromptConfig
+    from peftlab.data.examples import Example
     from peftlab.prompts import build_prompt_encoder
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(base, trained / "adapter").eval()
-    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=40), ["negative", "positive"], True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=max_input_tokens), ["negative", "positive"], True)
+    out = []
+    for text in texts:
+        [ex] = enc.encode([text if isinstance(text, Example) else Example("x", text, "negative")], tok)
+        scores = {}
+        for c, label in enumerate(enc.label_ids):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=torch.tensor([ex.prompt_ids + label])).logits[0].float(), -1)
+            n = len(ex.prompt_ids)
+            scores[enc.classes[c]] = sum(lp[n - 1 + j, t].item() for j, t in enumerate(label))
+        out.append(scores)
+    return out
+
+
+def test_plain_peft_loads_the_adapter_and_gives_the_same_scores(trained, tiny_model_dir, imdb_dir):
+    from peftlab.config import DataConfig
+    from peftlab.data import load_splits
+
     test = {e.id: e for e in load_splits(DataConfig(source=str(imdb_dir))).test}
     lines = [json.loads(x) for x in (trained / "predictions.jsonl").read_text().splitlines()][:4]
-    for line in lines:
-        [ex] = enc.encode([test[line["id"]]], tok)
-        for c, label in enumerate(enc.label_ids):
-            seq = torch.tensor([ex.prompt_ids + label])
-            with torch.no_grad():
-                lp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
-            n = len(ex.prompt_ids)
-            score = sum(lp[n - 1 + j, t].item() for j, t in enumerate(label))
-            assert score == pytest.approx(line["scores"][enc.classes[c]], abs=1e-4)
+    expected = plain_peft_scores(trained / "adapter", tiny_model_dir, [test[line["id"]] for line in lines])
+    for line, scores in zip(lines, expected):
+        for c, score in scores.items():
+            assert score == pytest.approx(line["scores"][c], abs=1e-4)
 
 
-def test_predict_from_arguments_and_stdin(trained, capsys, monkeypatch):
-    assert main(["predict", "--adapter", str(trained / "adapter"), "--dtype", "fp32", "great film", "awful"]) == 0
+def test_predict_from_arguments_and_stdin(trained, tiny_model_dir, capsys, monkeypatch):
+    texts = ["great film", "awful"]
+    assert main(["predict", "--adapter", str(trained / "adapter"), "--dtype", "fp32", *texts]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [r["text"] for r in rows] == ["great film", "awful"]
-    assert all(r["pred"] in ("negative", "positive") and 0.5 <= r["prob"] <= 1 for r in rows)
+    assert [r["text"] for r in rows] == texts
+    # The scores are the adapter's, computed by plain peft, and the adapter moved them away from the base
+    # model's (B != 0 after training): a predict that ignored --adapter would give the base's and fail here.
+    with_adapter = plain_peft_scores(trained / "adapter", tiny_model_dir, texts)
+    base = plain_peft_scores(None, tiny_model_dir, texts)
+    for row, expected, bare in zip(rows, with_adapter, base):
+        assert row["scores"] == pytest.approx(expected, abs=1e-4)
+        assert max(abs(expected[c] - bare[c]) for c in expected) > 1e-2
+        assert row["pred"] == max(expected, key=expected.get)
+        p = torch.softmax(torch.tensor(list(expected.values())), 0).max().item()
+        assert row["prob"] == pytest.approx(p, abs=1e-4)
     import io
-    monkeypatch.setattr(sys, "stdin", io.StringIO("one review\n\nanother review\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("great film\n\nawful\n"))
     assert main(["predict", "--adapter", str(trained / "adapter"), "--dtype", "fp32"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == rows  # stdin: the same two texts
 
 
 @pytest.mark.parametrize("args, message", [
@@ -97,7 +122,8 @@ def test_predict_from_arguments_and_stdin(trained, capsys, monkeypatch):
     (["eval", "--n-test", "1000"], "asked for 500 examples"),
 ])
 def test_user_mistakes_exit_2_with_one_line(args, message, capsys, tiny_model_dir, imdb_dir):
-    base = ["--model", str(tiny_model_dir), "--data", str(imdb_dir), "--dtype", "fp32", "--n-test", "4", "--n-train", "4"]
+    base = ["--model", str(tiny_model_dir), "--data", str(imdb_dir), "--dtype", "fp32", "--n-test", "4"]
+    base += ["--n-train", "4"] if args[0] == "train" else []  # eval draws no training sample: --n-train is refused
     assert main(args[:1] + base + args[1:]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("peftlab: error:") and message in err and "\n" not in err and "Traceback" not in err
@@ -109,3 +135,89 @@ def test_the_installed_entry_point_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "peftlab", "eval", "--config", str(tmp_path / "none.yaml")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "config file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ flags per command
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--lr", "1"], "peftlab eval does not use --lr (train.lr); it is a `peftlab train` option"),
+    (["eval", "--resume"], "peftlab eval does not use --resume (train.resume); it is a `peftlab train` option"),
+    (["eval", "--n-train=4"], "peftlab eval does not use --n-train (data.n_train); it is a `peftlab train` or "
+                              "`peftlab plan` option"),
+    (["train", "--adapter", "x"], "peftlab train does not use --adapter (adapter); it is a `peftlab eval`, "
+                                  "`peftlab predict` or `peftlab plan` option"),
+    (["predict", "--data", "x", "a text"], "peftlab predict does not use --data (data.source); it is a "
+                                           "`peftlab train` or `peftlab eval` option"),
+    (["plan", "--lora-alpha", "4"], "peftlab plan does not use --lora-alpha (method.lora_alpha); it is a "
+                                    "`peftlab train` option"),
+    (["rerun", "folder", "--epochs", "1"], "peftlab rerun does not use --epochs (train.epochs); it is a "
+                                           "`peftlab train` option"),
+])
+def test_a_flag_the_command_does_not_read_is_refused_naming_the_command_that_does(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--out", str(tmp_path / "run")] if args[0] in ("eval", "train") else args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err == f"peftlab: error: {message}; see `peftlab {args[0]} --help`\n"
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_each_command_offers_the_flags_it_reads(capsys):
+    def flags(command):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return set(re.findall(r"(?m)^\s+(--[a-z0-9-]+)", capsys.readouterr().out))
+
+    train, evaluate, predict, plan = (flags(c) for c in ("train", "eval", "predict", "plan"))
+    assert {"--lr", "--resume", "--n-train", "--lora-r", "--n-test", "--out"} <= train and "--adapter" not in train
+    assert {"--adapter", "--n-test", "--data", "--out", "--strategy"} <= evaluate
+    assert not {"--lr", "--resume", "--n-train", "--lora-r", "--epochs"} & evaluate
+    assert {"--adapter", "--model", "--template", "--eval-batch-size", "--file"} <= predict
+    assert not {"--data", "--n-test", "--out", "--lr"} & predict
+    assert {"--lora-r", "--batch-size", "--n-train", "--max-input-tokens", "--seq-len"} <= plan
+    assert not {"--lora-alpha", "--lr", "--epochs", "--template", "--n-test"} & plan
+
+
+def test_a_yaml_of_every_section_serves_every_command(trained, tmp_path, capsys):
+    # A train run's config.yaml holds every section (train.lr, method.lora_r, data.n_train, ...); eval, predict
+    # and plan take from it the keys they read and ignore the rest, as documented in READS (peftlab/cli.py).
+    config = str(trained / "config.yaml")
+    out = tmp_path / "zero-shot"
+    assert main(["eval", "--config", config, "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    before = [json.loads(x)["id"] for x in (trained / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n"] == 12 and metrics["adapter"] is None  # the YAML's test subset, zero-shot
+    assert [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()] == before
+    assert metrics["config"]["data"]["n_train"] == 500 and metrics["config"]["method"]["lora_r"] == 8  # not taken
+    assert metrics["config"]["prompt"]["max_input_tokens"] == 40  # taken
+    capsys.readouterr()
+    assert main(["predict", "--config", config, "great film"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "great film"
+    assert main(["plan", "--config", config, "--device-memory", "1"]) == 0
+    assert "LoRA r=4" in capsys.readouterr().out  # method.lora_r of the YAML, read by plan
+
+
+# ------------------------------------------------------------------------------------------ fast start
+
+TORCH_IMPORTED = re.compile(r"(?m)\|\s+torch$")  # a `-X importtime` line for the top-level torch package
+
+
+def importtime(*args: str) -> subprocess.CompletedProcess:
+    """Run python -X importtime with the args: stderr lists every module imported, one line each."""
+    return subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True)
+
+
+def test_importing_the_cli_or_the_errors_does_not_import_torch():
+    out = importtime("-c", "import peftlab.cli, peftlab.errors, sys; assert 'torch' not in sys.modules")
+    assert out.returncode == 0 and not TORCH_IMPORTED.search(out.stderr), out.stderr[-2000:]
+    # The same check sees torch when it is imported: the names of the package are still there, on first use.
+    out = importtime("-c", "import peftlab; peftlab.run_train")
+    assert out.returncode == 0 and TORCH_IMPORTED.search(out.stderr), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["train", "--help"], 0), (["predict", "--help"], 0),
+                                        (["eval", "--lr", "1"], 2), (["train", "--lora-rank", "8"], 2),
+                                        (["train", "--lr", "fast"], 2)])
+def test_help_and_flag_errors_answer_without_importing_torch(args, code):
+    out = importtime("-m", "peftlab", *args)
+    assert out.returncode == code and not TORCH_IMPORTED.search(out.stderr), out.stderr[-2000:]
+    assert (out.stdout if code == 0 else out.stderr).strip()  # it did answer

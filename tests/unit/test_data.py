@@ -145,7 +145,8 @@ def test_impossible_sample_sizes_are_refused():
 
 def test_select_splits_whole_test_split(imdb_dir):
     splits = load_splits(DataConfig(source=str(imdb_dir)))
-    train, test = select_splits(splits, 4, None, 0)
+    samples = select_splits(splits, 4, None, 0)
+    train, test = samples.train, samples.test
     assert len(train) == 4 and len(test) == 24
     assert [e.id for e in test] == sorted(e.id for e in test)
 

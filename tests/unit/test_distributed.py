@@ -82,7 +82,7 @@ def _train_args(tiny_model_dir, imdb_dir, out):
     return ["train", "--model", str(tiny_model_dir), "--data", str(imdb_dir), "--n-train", "16", "--n-test", "14",
             "--epochs", "1", "--batch-size", "3", "--lr", "2e-2", "--lora-dropout", "0", "--loss", "classes",
             "--max-input-tokens", "40", "--eval-batch-size", "4", "--dtype", "fp32", "--device", "cpu",
-            "--checkpoint-every", "0", "--out", str(out), "--quiet"]
+            "--checkpoint-every", "0", "--select-on", "test", "--out", str(out), "--quiet"]
 
 
 def _torchrun(args, strategy, tmp_path):
@@ -103,7 +103,7 @@ def one_process(tiny_model_dir, imdb_dir, tmp_path_factory):
             "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
             "lora_dropout": "method.lora_dropout", "loss": "train.loss", "max_input_tokens": "prompt.max_input_tokens",
             "eval_batch_size": "eval.eval_batch_size", "dtype": "model.dtype", "device": "model.device",
-            "checkpoint_every": "train.checkpoint_every", "out": "out"}
+            "checkpoint_every": "train.checkpoint_every", "select_on": "train.select_on", "out": "out"}
     return one, run_train(build_config({keys[k]: v for k, v in layer.items()}), progress=False)
 
 

@@ -39,7 +39,8 @@ def _one_thread():
 def write_sweep(path: Path, model_dir, data_dir, grid, **sections) -> Path:
     config = {"model": {"name": str(model_dir), "dtype": "fp32", "device": "cpu"},
               "data": {"source": str(data_dir), "n_test": 12}, "prompt": {"max_input_tokens": 40},
-              "method": {"method": "lora", "lora_r": 4}, "train": {"epochs": 1, "lr": 1e-2, "batch_size": 4}}
+              "method": {"method": "lora", "lora_r": 4},
+              "train": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "select_on": "test"}}
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     if grid is not None:

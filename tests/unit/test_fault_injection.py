@@ -122,10 +122,11 @@ class ForkServer:
 
 def sweep_file(tmp: Path, model_dir: Path, imdb_dir: Path) -> Path:
     config = {"model": {"name": str(model_dir), "dtype": "fp32", "device": "cpu"},
-              "data": {"source": str(imdb_dir), "n_test": 8}, "prompt": {"max_input_tokens": 32},
+              "data": {"source": str(imdb_dir), "n_test": 8, "n_val": 4}, "prompt": {"max_input_tokens": 32},
               "method": {"method": "lora", "lora_r": 4},
               # resume: a killed cell goes on from its checkpoint, saved after every optimiser step
-              "train": {"epochs": 2, "lr": 1e-2, "batch_size": 2, "checkpoint_every": 1, "resume": True},
+              "train": {"epochs": 2, "lr": 1e-2, "batch_size": 2, "checkpoint_every": 1, "resume": True,
+                        "select_on": "test"},  # test and validation split after every epoch
               "grid": {"data.n_train": [0, 4, 8], "method.lora_dropout": [0.0, 0.1], "train.seed": [0, 1]}}
     path = tmp / "faults.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

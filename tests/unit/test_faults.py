@@ -39,6 +39,7 @@ def fail_at_batch(monkeypatch, n: int, exc: BaseException):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "batch_loss", batch_loss)
+    return calls
 
 
 class HalfWritten:
@@ -167,36 +168,27 @@ def test_a_full_disk_while_writing_results_keeps_the_earlier_run(tiny_model_dir,
     assert json.loads((out / "metrics.json").read_text())["n"] == 4
 
 
-def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_adapter(tiny_model_dir, imdb_dir, tmp_path,
-                                                                         monkeypatch):
+def test_a_full_disk_while_saving_the_adapter_loses_no_training(tiny_model_dir, imdb_dir, tmp_path, monkeypatch):
+    # The adapter is written once, after training: a full disk then must leave no half-written adapter
+    # and keep the checkpoint, so that --resume writes it without training again, equal to an unbroken run.
     import peft.peft_model
     from safetensors import SafetensorError
 
+    unbroken = run_train(build_config(values(tiny_model_dir, imdb_dir, tmp_path / "unbroken")))
     out = tmp_path / "run"
-    saves = {"n": 0}
-    real_save_file = peft.peft_model.safe_save_file  # what peft's save_pretrained calls
 
-    def save_file(*args, **kwargs):
-        saves["n"] += 1
-        if saves["n"] == 2:
-            before.update(snapshot(out / "adapter"))
-            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                                  '"No space left on device" })')
-        return real_save_file(*args, **kwargs)
+    def full_disk(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
 
-    before: dict = {}
-    # Every epoch is a new best, so the second epoch saves the adapter a second time.
-    real_eval = runs.evaluate_examples
-
-    def rising(*args, **kwargs):
-        metrics, predictions, result = real_eval(*args, **kwargs)
-        metrics["accuracy"] = int(kwargs["desc"].rsplit(" ", 1)[1]) / 10
-        return metrics, predictions, result
-
-    monkeypatch.setattr(runs, "evaluate_examples", rising)
-    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)
-    with pytest.raises(DiskFull, match="disk full while saving the adapter"):
-        run_train(build_config(values(tiny_model_dir, imdb_dir, out)))
-    assert before and snapshot(out / "adapter") == before
-    assert json.loads((out / "adapter" / "peftlab.json").read_text())["epoch"] == 1
-    assert not list(out.glob(".adapter-*"))
+    with monkeypatch.context() as m:
+        m.setattr(peft.peft_model, "safe_save_file", full_disk)
+        with pytest.raises(DiskFull, match="disk full while saving the adapter"):
+            run_train(build_config(values(tiny_model_dir, imdb_dir, out)))
+    assert not list((out / "adapter").glob("*")) and not list(out.glob(".adapter-*"))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["position"]["epoch"] == 3  # trained
+    batches = fail_at_batch(monkeypatch, 10**9, RuntimeError("unused"))  # counts the batches computed
+    resumed = run_train(build_config(values(tiny_model_dir, imdb_dir, out, **{"train.resume": True})))
+    assert batches["n"] == 0
+    assert resumed["adapter_sha256"] == unbroken["adapter_sha256"] == \
+        sha256_file(out / "adapter" / "adapter_model.safetensors")

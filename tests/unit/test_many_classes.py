@@ -45,7 +45,8 @@ def test_classes_come_from_the_stars_in_the_file_names(rated_dir, scheme):
     assert splits.classes == expected
     for ex in splits.train + splits.test:
         assert ex.label == (HAND_RATING_4[stars(ex.id)] if scheme == "rating-4" else str(stars(ex.id)))
-    train, test = select_splits(splits, len(expected), 2 * len(expected), 0)
+    samples = select_splits(splits, len(expected), 2 * len(expected), 0)
+    train, test = samples.train, samples.test
     assert sorted(ex.label for ex in test) == sorted(expected * 2)  # balanced over k classes
     assert sorted(ex.label for ex in train) == sorted(expected)
 

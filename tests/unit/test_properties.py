@@ -4,6 +4,7 @@ either builds a config in which the last layer wins or raises a PeftlabError, ne
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from peftlab.config import (
     DTYPES,
     SCHEDULERS,
     TRUNCATION_SIDES,
+    SECTIONS,
     RunConfig,
     build_config,
     config_from_dict,
@@ -191,14 +193,33 @@ def test_any_value_gives_a_config_or_a_peftlab_error(layer):
     json.dumps(config.to_dict(), default=str)  # a record can be written from it
 
 
+# Sections holding real field names, so that the accepting path is reached, not only refusals.
+FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+KNOWN_SECTIONS = st.lists(st.one_of(*[st.tuples(st.just(name), st.dictionaries(st.sampled_from(fields), ANY, max_size=3))
+                                      for name, fields in FIELDS.items()]), max_size=3)
+
+
+def as_json(config: RunConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)  # NaN == NaN here, unlike ==
+
+
 @SETTINGS
 @given(nested=st.dictionaries(st.sampled_from(["model", "data", "train", "method", "prompt", "eval", "out", "x"])
-                              | st.text(max_size=8), ANY, max_size=4))
-def test_any_nested_mapping_gives_a_config_or_a_peftlab_error(nested):
+                              | st.text(max_size=8), ANY, max_size=4), sections=KNOWN_SECTIONS)
+@example(nested={"out": "runs/x"}, sections=[("train", {"epochs": "3"}), ("method", {"lora_r": 4.0})])
+def test_any_nested_mapping_gives_a_config_or_a_peftlab_error(nested, sections):
+    nested = {**nested, **dict(sections)}
     try:
-        config_from_dict(nested)
+        config = config_from_dict(nested)
     except PeftlabError:
-        pass
+        return
+    # Accepted: every key was a known one (an unknown key is never dropped silently) ...
+    assert set(nested) <= set(SECTIONS) | {"out", "adapter"}, nested
+    assert all(set(nested[name]) <= set(FIELDS[name]) for name in SECTIONS if name in nested), nested
+    # ... and the record written from the config (to_dict) rebuilds the same config.
+    assert as_json(config_from_dict(config.to_dict())) == as_json(config)
+    if nested.get("train", {}).get("epochs") == "3":  # the @example: values reach their fields, typed
+        assert config.train.epochs == 3 and config.method.lora_r == 4 and config.out == "runs/x"
 
 
 @SETTINGS

@@ -1,7 +1,6 @@
 """Reports from a results store: the study's table shape, seeds, significance marks, files written."""
 
 import csv
-import json
 import re
 
 import pytest
@@ -130,10 +129,26 @@ def test_report_refuses_a_missing_store_in_one_line(tmp_path, capsys):
     assert err.startswith("peftlab: error: no results store") and "\n" not in err
 
 
+# A fresh interpreter in which `import matplotlib` fails (a None entry in sys.modules makes the import
+# raise ImportError), running `peftlab report`; argv after -c: the report's arguments.
+NO_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; from peftlab.cli import main; "
+                 "code = main(sys.argv[1:]); assert 'matplotlib.pyplot' not in sys.modules; sys.exit(code)")
+
+
 def test_report_without_plots_needs_no_matplotlib(store_path, tmp_path):
-    paths = write_report(store_path, tmp_path / "r", plots=False)
-    assert paths["html"].is_file() and not (tmp_path / "r" / "plots").exists()
-    assert json.dumps(str(paths["markdown"]))
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    run = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, "report", str(store_path), "--out", str(out),
+                          "--no-plots"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (out / "report.html").is_file() and (out / "report.md").is_file() and not (out / "plots").exists()
+    assert "smollm2-lora" in (out / "report.md").read_text()
+    # The block is real: in the same interpreter set-up the report with plots is refused for want of matplotlib.
+    run = subprocess.run([sys.executable, "-c", NO_MATPLOTLIB, "report", str(store_path), "--out", str(tmp_path / "p")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "plots need matplotlib" in run.stderr, run.stderr
 
 
 def test_several_stores_make_one_report_and_clashing_sweep_names_are_refused(store_path, tmp_path, capsys):
@@ -153,3 +168,30 @@ def test_several_stores_make_one_report_and_clashing_sweep_names_are_refused(sto
 
     assert main(["report", str(store_path), str(store_path), "--out", str(tmp_path / "twice"), "--no-plots"]) == 2
     assert "the stores hold sweeps of the same name" in capsys.readouterr().err
+
+
+def test_the_protocol_heads_each_table_and_the_validation_choice_gets_its_own(tmp_path):
+    path = tmp_path / "gap.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        cells = []
+        for n, on_test, on_val, k in ((50, 0.70, 0.66, 1), (150, 0.80, 0.80, 2)):
+            r = record(on_test, n, 0.0)
+            r.update(selected_on="test", selected_on_val={"epoch": k, "accuracy": on_val,
+                                                          "ci95": list(wilson_interval(round(on_val * N_TEST), N_TEST)),
+                                                          "val_accuracy": 0.9})
+            cells.append(({"data.n_train": n}, r))
+        add_sweep(store, "gap", {"data.n_train": [50, 150]}, cells)
+        add_sweep(store, "old", {"data.n_train": [50]}, [({"data.n_train": 50}, record(0.7, 50, 0.0))])
+    with ResultsStore(path) as store:
+        tables = {t.title: t for t in build_tables(store)}
+    from peftlab.report.tables import protocol_note
+
+    assert "selected on test: optimistic" in protocol_note(tables["gap"])
+    assert "selected on test: optimistic" in protocol_note(tables["old"])  # stored before select_on: on test
+    twin = tables["gap, epoch chosen on the validation split"]
+    assert "validation split" in protocol_note(twin)
+    _, rows = table_grid(twin)
+    assert [row[1].rstrip(MARK_LEFT + MARK_UP) for row in rows] == ["66.00 (1)", "80.00 (2)"]
+    report = write_report(path, tmp_path / "report", plots=False)
+    text = report["markdown"].read_text()
+    assert text.count("*Protocol: epoch selected on test: optimistic") == 2 and "epoch chosen on the validation" in text

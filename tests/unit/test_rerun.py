@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def train_args(tiny_model_dir, imdb_dir, out):
     return ["train", "--model", str(tiny_model_dir), "--dtype", "fp32", "--data", str(imdb_dir), "--n-train", "12",
             "--n-test", "8", "--max-input-tokens", "32", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2",
-            "--data-seed", "3", "--seed", "5", "--out", str(out), "--quiet"]
+            "--data-seed", "3", "--seed", "5", "--select-on", "test", "--out", str(out), "--quiet"]
 
 
 def test_rerun_of_a_training_run_reproduces_it_bitwise(tiny_model_dir, imdb_dir, tmp_path, capsys):

@@ -101,12 +101,15 @@ def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
 
 
 def test_sweep_cell_folders_from_hostile_grid_values_stay_inside_the_sweep():
-    grid = pytest.importorskip("peftlab.experiments.grid")
+    from peftlab.experiments import grid  # imported, not importorskip'd: an import error here is a failure
+
     for value in HOSTILE:
         folder = grid.cell_folder("0123456789ab", {"model.name": value, "prompt.instruction": value})
         assert "/" not in folder and "\\" not in folder and "\x00" not in folder and folder.startswith("0123456789ab")
         root = Path("/tmp/sweep")
         assert (root / folder).resolve().parent == root
+    # Plain grid values keep their readable name.
+    assert grid.cell_folder("0123456789ab", {"data.n_train": 50, "method.lora_dropout": 0.1}) == "0123456789ab-N50-d0.1"
 
 
 def test_run_files_use_fixed_names_only(tiny_model_dir, imdb_dir, tmp_path):

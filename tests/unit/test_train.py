@@ -12,7 +12,7 @@ from peftlab.train.loop import TrainingDiverged
 def cfg(tiny_model_dir, imdb_dir, out, **extra):
     layer = {"model.name": str(tiny_model_dir), "model.dtype": "fp32", "data.source": str(imdb_dir),
              "data.n_train": 24, "data.n_test": 24, "prompt.max_input_tokens": 48, "train.epochs": 3,
-             "train.batch_size": 4, "out": str(out)}
+             "train.batch_size": 4, "train.select_on": "test", "out": str(out)}
     layer.update(extra)
     return build_config(layer)
 

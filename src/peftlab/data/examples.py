@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 from peftlab.errors import PeftlabError
@@ -34,18 +33,21 @@ class LabelledSplits:
     name: str = "data"
     is_imdb: bool = False
     notes: list[str] = field(default_factory=list)
+    val: list[Example] = field(default_factory=list)  # a validation file of its own (data.val_source)
 
     def __post_init__(self):
         if len(self.classes) < 2:
             raise PeftlabError(f"{self.name}: the data holds only the class {self.classes}; classification needs "
                                "at least two (check data.label_column and data.label_map)")
-        for split_name in ("train", "test"):
+        for split_name in ("train", "val", "test"):
             check_examples(getattr(self, split_name), self.classes, f"{self.name} {split_name} split")
-        train_ids = {ex.id for ex in self.train}
-        both = next((ex.id for ex in self.test if ex.id in train_ids), None)
-        if both is not None:
-            raise PeftlabError(f"{self.name}: example id {both!r} is in both the train and the test split; a test "
-                               "example must not be trained on (is --test-data the same file as --data?)")
+        for one, other, flag in (("train", "test", "--test-data"), ("train", "val", "--val-data"),
+                                 ("val", "test", "--val-data")):
+            ids = {ex.id for ex in getattr(self, one)}
+            both = next((ex.id for ex in getattr(self, other) if ex.id in ids), None)
+            if both is not None:
+                raise PeftlabError(f"{self.name}: example id {both!r} is in both the {one} and the {other} split; "
+                                   f"they must not share examples (is {flag} the same file as another?)")
 
 
 def check_examples(examples: list[Example], classes: list[str], where: str) -> None:
@@ -62,7 +64,3 @@ def check_examples(examples: list[Example], classes: list[str], where: str) -> N
                                f"the classes {classes}; fix the row or add it to data.label_map")
         if not ex.text.strip():
             raise PeftlabError(f"{where}: example {ex.id!r} has an empty text; remove it from the data")
-
-
-def class_counts(examples: list[Example]) -> dict[str, int]:
-    return dict(sorted(Counter(ex.label for ex in examples).items()))

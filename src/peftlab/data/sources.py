@@ -41,6 +41,9 @@ def load_splits(config: DataConfig) -> LabelledSplits:
     if source == "imdb":
         source = os.environ.get("PEFTLAB_IMDB") or IMDB_HUB_ID
     path = Path(source).expanduser()
+    if config.val_source and not (path.is_file() and path.name.lower().endswith(TABLE_SUFFIXES)):
+        raise PeftlabError(f"--val-data is for table data; {source} has a training split of its own: give "
+                           "--n-val to draw the validation examples from it")
     if path.exists():
         if path.is_dir() or path.name.endswith(ARCHIVE_SUFFIXES):
             return load_aclimdb(path, config.labels)
@@ -155,17 +158,22 @@ def load_table_splits(path: Path, config: DataConfig) -> LabelledSplits:
     """A CSV/TSV/JSONL/Parquet file, with a test file beside it or a seeded held-out share."""
     train = read_table(path, config)
     if config.test_source:
-        test_path = Path(config.test_source).expanduser()
-        if not test_path.is_file():
-            raise PeftlabError(f"test data file {test_path} does not exist: check --test-data")
-        test = read_table(test_path, config)
+        test = read_table(existing_file(config.test_source, "test", "--test-data"), config)
         notes = []
     else:
         train, test = hold_out(train, config.test_fraction, config.data_seed)
         notes = [f"test split: {len(test)} examples held out of {path.name} "
                  f"(data.test_fraction={config.test_fraction}, data_seed={config.data_seed})"]
+    val = read_table(existing_file(config.val_source, "validation", "--val-data"), config) if config.val_source else []
     classes = _classes(train + test, config.label_map)
-    return LabelledSplits(train=train, test=test, classes=classes, name=path.stem, notes=notes)
+    return LabelledSplits(train=train, test=test, classes=classes, name=path.stem, notes=notes, val=val)
+
+
+def existing_file(path: str, what: str, flag: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PeftlabError(f"{what} data file {path} does not exist: check {flag}")
+    return path
 
 
 def read_table(path: Path, config: DataConfig) -> list[Example]:

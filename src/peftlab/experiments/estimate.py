@@ -106,10 +106,19 @@ def split_sizes(config) -> tuple[int, int]:
         return IMDB_SPLIT, IMDB_SPLIT
 
 
-def estimate_sweep(sweep: Sweep, store: ResultsStore | None) -> list[CellEstimate]:
-    import torch
+def scored_examples(cfg, n_test: int, trains: bool) -> int:
+    """Examples a run scores: the validation split after every epoch, and the test subset after every epoch
+    (train.select_on=test) or once (val, last; none with train.score_test=false)."""
+    if not trains:
+        return n_test
+    epochs = cfg.train.epochs
+    test_passes = epochs if cfg.train.select_on == "test" else int(cfg.train.score_test)
+    return (cfg.data.n_val or 0) * epochs + n_test * test_passes
 
+
+def estimate_sweep(sweep: Sweep, store: ResultsStore | None) -> list[CellEstimate]:
     from peftlab.experiments.runner import with_earlier_keys
+    from peftlab.models.loading import device_type
 
     out, sizes = [], {}
     for cell in with_earlier_keys(sweep.cells, store) if store is not None else sweep.cells:
@@ -120,7 +129,7 @@ def estimate_sweep(sweep: Sweep, store: ResultsStore | None) -> list[CellEstimat
             sizes.setdefault(data_key, split_sizes(cfg))
             n_train = sizes[data_key][0] if n_train is None else n_train
             n_test = sizes[data_key][1] if n_test is None else n_test
-        device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_type(cfg.model.device)
         seen = measured(store, cfg.model.name, cfg.prompt.max_input_tokens)
         ev, tr, note = reference_speed(cfg.model.name, device)
         if "eval_speed" in seen:
@@ -128,10 +137,9 @@ def estimate_sweep(sweep: Sweep, store: ResultsStore | None) -> list[CellEstimat
             note = "speed: measured by the store's recent cells of the model"
         virtual = cfg.method.virtual_tokens if cfg.method.method in ("prompt-tuning", "p-tuning") else 0
         upper = TEMPLATE_TOKENS + cfg.prompt.max_input_tokens + virtual
-        evals = cfg.train.epochs if cell.trains else 1
         epochs = cfg.train.epochs if cell.trains else 0
         train_tokens = n_train * epochs * seen.get("train_per_example", upper)
-        eval_tokens = n_test * evals * seen.get("eval_per_example", upper)
+        eval_tokens = scored_examples(cfg, n_test, cell.trains) * seen.get("eval_per_example", upper)
         status = store.status(cell.key) if store is not None else None
         out.append(CellEstimate(cell=cell, status=status or "new", n_train=n_train, n_test=n_test,
                                 train_tokens=train_tokens, eval_tokens=eval_tokens,
@@ -172,3 +180,50 @@ def _duration(seconds: float) -> str:
     if seconds < 48 * 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+# --- The plan a single run prints before it starts ----------------------------------------------------
+# Shares of the GEMM ceiling that peftlab reached on SmolLM2 (bench/RESULTS.md, 2-core Zen 5, bf16):
+# evaluation 69-76 %, training 52-65 % of a ceiling that counts a training token as two forward passes.
+EVAL_SHARE, TRAIN_SHARE = 0.7, 0.55
+
+
+def gemm_gflops(model, seconds: float = 0.15) -> float:
+    """This machine's matrix-multiply speed at the model's own width, dtype and thread count (a quick probe)."""
+    import time
+
+    import torch
+
+    param = next(model.parameters())
+    hidden = getattr(model.config, "hidden_size", 576)
+    inner = getattr(model.config, "intermediate_size", 4 * hidden)
+    # Constant operands: drawing random ones would move the torch RNG, and with it the run's dropout masks.
+    a = torch.full((256, hidden), 0.5, dtype=param.dtype, device=param.device)
+    b = torch.full((hidden, inner), 0.25, dtype=param.dtype, device=param.device)
+    a @ b  # warm-up: the first call picks kernels
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    if param.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 256 * hidden * inner * reps / (time.perf_counter() - start) / 1e9
+
+
+def forward_flops_per_token(model) -> float:
+    """2 x the matrix parameters a token passes through (embeddings and LM head aside: the head runs only
+    at the scored positions)."""
+    skip = ("embed", "lm_head", "wte", "wpe")
+    return 2.0 * sum(p.numel() for name, p in model.named_parameters()
+                     if p.dim() == 2 and not any(s in name for s in skip))
+
+
+def run_plan(model, train_tokens: int, scored_tokens: int, examples: str) -> str:
+    """One line before a run starts: what it will process and about how long that takes on this machine."""
+    fwd = forward_flops_per_token(model)
+    rate = gemm_gflops(model) * 1e9
+    eval_speed, train_speed = EVAL_SHARE * rate / fwd, TRAIN_SHARE * rate / (2 * fwd)
+    seconds = train_tokens / train_speed + scored_tokens / eval_speed
+    return (f"plan: {examples}; {_tokens(train_tokens)} training + {_tokens(scored_tokens)} scored tokens; "
+            f"about {_duration(seconds)} here (matrix products measured at {rate / 1e9:.0f} GFLOP/s, "
+            f"~{train_speed:.0f} tok/s training, ~{eval_speed:.0f} tok/s scoring expected)")

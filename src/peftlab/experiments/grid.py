@@ -16,7 +16,6 @@ and on every machine, and a results store can recognise it as done.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import re
@@ -25,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import SECTIONS, RunConfig, build_config, flatten, leaves, load_yaml, opt
+from peftlab.config import (RunConfig, build_config, dotted, flatten, identity_differences, leaves, load_yaml, opt,
+                            run_key)
 from peftlab.errors import PeftlabError
+from peftlab.records import child_path, safe_name
 
-# Config fields that do not change a run's result, only where it is written or how it is restarted.
-NOT_IN_KEY = ("out", "train.resume", "train.checkpoint_every")
 STUDY_TABLES = ("zero-shot", "prompt-tuning", "lora", "maximize")
 REPEAT_KEYS = ("train.seed", "data.data_seed")  # repetitions of a setting, not settings of a table
 DEFAULT_ROOT = Path("runs") / "sweeps"
@@ -120,54 +119,20 @@ def format_value(value: Any) -> str:
 
 
 def cell_key(config: RunConfig) -> str:
-    """A stable 12-hex-digit hash of the resolved config, without the fields in NOT_IN_KEY."""
-    data = config.to_dict()
-    for dotted in NOT_IN_KEY:
-        *parents, last = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(last, None)
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """The cell's key: its run identity's hash (config.run_key)."""
+    return run_key(config)
 
 
 def same_run(stored: dict, config: RunConfig) -> bool:
-    """True when a stored config (perhaps from a peftlab with fewer config fields) describes this run.
-
-    Every field both know must be equal; a field the stored config lacks must hold its default now.
-    So a finished cell survives peftlab gaining a config field (its key changes), but not a changed
-    value, nor a changed default (the stored config spells out the value it ran with).
-    """
-    defaults = {leaf.key: leaf.default for leaf in leaves()}
-    old, new = _dotted(stored), _dotted(config.to_dict())
-    for key in NOT_IN_KEY:
-        old.pop(key, None)
-        new.pop(key, None)
-    if set(old) - set(new):
-        return False  # a field this peftlab no longer has
-    for key, value in new.items():
-        expected = old[key] if key in old else defaults[key]
-        if json.dumps(value, sort_keys=True, default=str) != json.dumps(expected, sort_keys=True, default=str):
-            return False
-    return True
-
-
-def _dotted(config: dict) -> dict:
-    out = {}
-    for key, value in config.items():
-        if key in SECTIONS and isinstance(value, dict):
-            out.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            out[key] = value
-    return out
+    """True when a stored config describes this run (config.identity_differences)."""
+    return not identity_differences(stored, config)
 
 
 def cell_folder(key: str, params: dict) -> str:
-    """`<key>-N50-d0.1`: unique by the key, readable by the grid values."""
+    """`<key>-N50-d0.1`: unique by the key, readable by the grid values, one safe path component
+    (records.safe_name: grid values are text from a YAML file, e.g. a model path)."""
     parts = [f"{short_name(k)}{format_value(v)}" for k, v in params.items()]
-    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", "-".join(parts))[:80]
-    return f"{key}-{slug}" if slug else key
+    return safe_name("-".join([key] + parts))
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: str | Path | None = None) -> Sweep:
@@ -244,12 +209,7 @@ def validate_grid(grid: Any, source: str) -> dict[str, list]:
                            "(e.g. data.n_train: [50, 150]) or remove 'grid:' for a single run")
     if not isinstance(grid, dict):
         raise PeftlabError(f"{source}: 'grid' must map dotted config keys to lists, e.g. data.n_train: [50, 150]")
-    flat: dict[str, Any] = {}
-    for key, value in grid.items():  # a nested `data: {n_train: [...]}` is accepted too
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            flat[key] = value
+    flat = dotted(grid)  # a nested `data: {n_train: [...]}` is accepted too
     types = {leaf.key: leaf.type for leaf in leaves()}
     for key, values in flat.items():
         if key not in types or key in ("out", "adapter"):
@@ -287,7 +247,7 @@ def expand_grid(base: dict, grid: dict[str, list], root: Path, source: str = "sw
         if key in seen:
             raise PeftlabError(f"{source}: cells {seen[key]} and {typed} are the same run; remove the duplicate value")
         seen[key] = typed
-        config.out = str(root / cell_folder(key, typed))
+        config.out = str(child_path(root, cell_folder(key, typed)))  # refuses a link out of the sweep
         cells.append(Cell(key=key, params=typed, config=config))
     return cells
 

@@ -15,7 +15,6 @@ and the cell stays `running`, so the next sweep redoes it, as it redoes a cell c
 from __future__ import annotations
 
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
@@ -28,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
 
@@ -51,7 +50,7 @@ def failure_reason(exc: BaseException) -> str | None:
         return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return f"disk full: {exc}"
     return None
 

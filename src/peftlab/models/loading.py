@@ -71,22 +71,38 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_device(requested: str) -> torch.device:
+def device_type(requested: str) -> str:
+    """'cuda' or 'cpu' (or another torch device type) for model.device; 'auto' is the GPU if one is visible.
+
+    The one place that decides "auto": loading, the memory planner and the sweep's cost estimate agree.
+    """
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested.split(":")[0]
+
+
+def choose_device(requested: str) -> torch.device:
+    device = torch.device(requested if requested != "auto" else device_type(requested))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PeftlabError(f"model.device={requested} but no CUDA GPU is visible; use model.device=cpu")
     return device
 
 
-def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes it fast, fp32 elsewhere; an explicit choice wins."""
+def dtype_name(requested: str, device: str) -> str:
+    """bf16 where the hardware computes it fast, fp32 elsewhere; an explicit choice wins.
+
+    A GPU that is not visible here (a plan for another machine) is taken to compute bf16, as every
+    GPU since NVIDIA Ampere does; a visible one is asked.
+    """
     if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+        return requested
+    if device == "cuda":
+        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    return DTYPES[dtype_name(requested, device.type)]
 
 
 def cache_dir() -> Path:

@@ -1,6 +1,6 @@
 """Attaching a peft method to the frozen base: LoRA, prompt tuning, or any other peft method.
 
-All method differences live here; the training loop is the same for every method (GUIDE rule 3).
+All method differences live here, so that the training loop (train/loop.py) is one for every method.
 Trainable weights are kept in fp32 on a bf16 base (peft's `autocast_adapter_dtype`).
 """
 

@@ -376,14 +376,10 @@ def request_from_config(config, seq_len: int | None = None, devices: int = 1) ->
     """The PlanRequest of a peftlab RunConfig: what `peftlab train` with the same flags would do."""
     import torch
 
-    from peftlab.models.loading import cpu_has_fast_bf16
+    from peftlab.models.loading import device_type, dtype_name
 
-    device = config.model.device.split(":")[0]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = config.model.dtype
-    if dtype == "auto":  # as models.loading.choose_dtype; a GPU is assumed to compute bf16
-        dtype = "bf16" if device == "cuda" or cpu_has_fast_bf16() else "fp32"
+    device = device_type(config.model.device)
+    dtype = dtype_name(config.model.dtype, device)  # as loading does
     strategy = "ddp" if config.train.strategy == "auto" else config.train.strategy
     return PlanRequest(method=config.method.method, quantization=config.model.quantization, dtype=dtype,
                        device=device, batch_size=config.train.batch_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
 from peftlab.report.study import PREVIOUS_BEST
-from peftlab.report.tables import COST_HEADER, LEGEND, Table, cost_rows, markdown_table, table_grid
+from peftlab.report.tables import COST_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note, table_grid
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -62,6 +62,8 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
     lines += ["", f"Tables: accuracy % (best epoch k). {LEGEND}", ""]
     for table in tables:
         lines += [f"## {_heading(table)}", ""]
+        if protocol_note(table):
+            lines += [f"*{protocol_note(table)}*", ""]
         if table.command:
             lines += [f"`{table.command}`", ""]
         header, rows = table_grid(table)
@@ -126,6 +128,8 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
                                          for t in tables) + "</p>")
     for table in tables:
         parts.append(f'<h2 id="{html.escape(table.name)}">{html.escape(_heading(table))}</h2>')
+        if protocol_note(table):
+            parts.append(f'<p class="note"><em>{html.escape(protocol_note(table))}</em></p>')
         if table.command:
             parts.append(f"<p><code>{html.escape(table.command)}</code></p>")
         header, rows = table_grid(table)

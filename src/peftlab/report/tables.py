@@ -163,7 +163,28 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
         if table.study:
             table.study_marks = overlap_marks(table.rows, table.cols, table.study_interval)
         tables.append(table)
+        tables += [t for t in [chosen_on_val(table)] if t is not None]
     return tables
+
+
+def chosen_on_val(table: Table) -> Table | None:
+    """The same cells at the epoch their validation split chooses, for runs that chose on test and also
+    scored a validation split every epoch (metrics "selected_on_val"): the selection gap, cell by cell."""
+    if not any(r.get("selected_on_val") for e in table.entries.values() for r in e.records):
+        return None
+    entries = {}
+    for place, entry in table.entries.items():
+        records = [dict(r, accuracy=r["selected_on_val"]["accuracy"], ci95=r["selected_on_val"]["ci95"],
+                        best_epoch=r["selected_on_val"]["epoch"], selected_on="val")
+                   for r in entry.records if r.get("selected_on_val")]
+        entries[place] = Entry(records=records, failed=entry.failed, unfinished=entry.unfinished,
+                               pending=entry.pending + len(entry.records) - len(records))
+    twin = Table(sweep=table.sweep, title=table.title + ", epoch chosen on the validation split",
+                 command=table.command, row_key=table.row_key, col_key=table.col_key,
+                 facet={**table.facet, "selected_on": "val"}, rows=table.rows, cols=table.cols, entries=entries,
+                 cells=table.cells, study=table.study, study_marks=table.study_marks)
+    twin.marks = overlap_marks(twin.rows, twin.cols, lambda r, c: twin.entries[(r, c)].interval())
+    return twin
 
 
 def _unique(values) -> list:
@@ -190,6 +211,25 @@ def overlap_marks(rows: list, cols: list, interval) -> dict:
                 mark += MARK_UP
             marks[(r, c)] = mark
     return marks
+
+
+# How the reported epoch was chosen (metrics.json "selected_on"); runs made before train.select_on
+# existed chose it on the test subset.
+PROTOCOL_NOTES = {"test": "epoch selected on test: optimistic (the test subset chose it, as in the study)",
+                  "val": "epoch selected on the validation split; the test subset scored once",
+                  "last": "the last epoch (no selection); the test subset scored once"}
+
+
+def protocol_note(table: Table) -> str | None:
+    """Which protocol chose the epochs of a table's cells, in words; None for zero-shot tables."""
+    protocols = _unique(r.get("selected_on", "test") for e in table.entries.values() for r in e.records
+                        if "best_epoch" in r)
+    if not protocols:
+        return None
+    note = "; ".join(PROTOCOL_NOTES[p] for p in protocols)
+    if any(r.get("evaluated_on") == "val" for e in table.entries.values() for r in e.records):
+        note += ". Accuracies are on the validation split (the test subset was not scored)"
+    return "Protocol: " + note + "."
 
 
 def row_label(table: Table, value) -> str:
@@ -228,7 +268,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-COST_HEADER = ["cell", "setting", "status", "accuracy %", "best epoch", "train s", "eval s", "train tokens",
+COST_HEADER = ["cell", "setting", "status", "accuracy %", "best epoch", "selected on", "at val-chosen epoch %",
+               "train s", "eval s", "train tokens",
                "eval tokens", "peak MB", "trainable params", "attempts"]
 
 
@@ -242,6 +283,9 @@ def cost_rows(table: Table) -> list[list[str]]:
         status = cell.status + (f": {cell.reason}" if cell.reason else "")
         out.append([cell.key, setting or "single run", status,
                     f"{100 * r['accuracy']:.2f}" if "accuracy" in r else "", str(r.get("best_epoch", "")),
+                    (r.get("selected_on", "test") if "best_epoch" in r else ""),
+                    (f"{100 * r['selected_on_val']['accuracy']:.2f} ({r['selected_on_val']['epoch']})"
+                     if r.get("selected_on_val") else ""),
                     _num(t.get("train_s")), _num(t.get("eval_s")), _num(r.get("train_tokens"), 0),
                     _num(r.get("eval_tokens"), 0), _num(r.get("peak_memory_mb"), 0),
                     _num(r.get("trainable_parameters"), 0), str(cell.attempts)])

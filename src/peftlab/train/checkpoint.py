@@ -3,10 +3,10 @@
 One folder per run, `<out>/checkpoint/`:
 
     tensors-<n>.safetensors  trainable weights, AdamW moments and step counts, torch RNG states,
-                             and the caller's tensors (run_train: the best epoch's weights)
+                             and the caller's tensors (run_train: the chosen epoch's weights)
     state.json               where the run stands (epoch, batch, running sums, Python/NumPy/batch-order
                              RNG states), optimiser and scheduler scalars, the caller's bookkeeping,
-                             what the run is (its fingerprint), and the name and sha256 of the tensors
+                             what the run is (its config and examples), and the name and sha256 of the tensors
 
 The tensors are written first, then state.json, each to a temporary file renamed over the target
 (os.replace): state.json is the commit point, so a kill at any moment leaves the previous
@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from peftlab.config import RunConfig, identity_differences
 from peftlab.errors import PeftlabError
 from peftlab.records import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -55,16 +56,15 @@ class Position:
 class Checkpoints:
     """The checkpoint folder of one run: saves every `every` optimiser steps and at epoch ends.
 
-    `fingerprint` says what the run is (its config and training sample); a checkpoint with another
-    fingerprint is refused. `extra` and `extra_tensors` are the caller's bookkeeping, saved with
-    every checkpoint and restored by `load` (run_train keeps its best epoch there).
+    `config` and `sample_sha256` (a hash of the example ids it trains and selects on) say what the run
+    is; a checkpoint of another run is refused (config.identity_differences decides). `state` is the
+    caller's bookkeeping (run_train: its BestEpoch): anything with `state_dict()` -> (JSON-able dict,
+    tensors) and `load_state_dict(dict, tensors)`, saved with every checkpoint and restored by `load`.
     """
 
-    def __init__(self, folder: str | Path, every: int, fingerprint: dict):
-        self.folder, self.every = Path(folder), every
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: int keys become text
-        self.extra: dict = {}
-        self.extra_tensors: dict[str, torch.Tensor] = {}
+    def __init__(self, folder: str | Path, every: int, config: RunConfig, sample_sha256: str, state=None):
+        self.folder, self.every, self.config, self.state = Path(folder), every, config, state
+        self.fingerprint = {"config": config.to_dict(), "sample_sha256": sample_sha256}
         self.loaded: dict | None = None  # state.json of the checkpoint found by load()
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -88,13 +88,17 @@ class Checkpoints:
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise PeftlabError(f"checkpoint {self.folder} is damaged ({exc}); delete the folder to train "
                                "from the start") from None
-        differs = differences(state.get("fingerprint", {}), self.fingerprint)
+        saved = state.get("fingerprint", {})
+        differs = identity_differences(saved.get("config", {}), self.config)
+        if saved.get("sample_sha256") != self.fingerprint["sample_sha256"]:
+            differs.append("its examples (data)")
         if differs:
             raise PeftlabError(f"checkpoint {self.folder} belongs to another run (it differs in "
                                f"{', '.join(differs[:5])}); resume with the same config, or choose another --out")
         self.loaded, self._tensors = state, tensors
-        self.extra = state["extra"]
-        self.extra_tensors = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
+        if self.state is not None:
+            self.state.load_state_dict(state["extra"], {k[len("extra/"):]: v for k, v in tensors.items()
+                                                        if k.startswith("extra/")})
         return True
 
     def restore(self, params: dict[str, torch.nn.Parameter], optimizer, scheduler, order_rng: random.Random
@@ -126,7 +130,8 @@ class Checkpoints:
         optim_json, optim_tensors = _split_optimizer_state(optimizer.state_dict())
         tensors = {f"param/{n}": p.detach() for n, p in params.items()}
         tensors.update(optim_tensors)
-        tensors.update({f"extra/{n}": t for n, t in self.extra_tensors.items()})
+        extra, extra_tensors = self.state.state_dict() if self.state is not None else ({}, {})
+        tensors.update({f"extra/{n}": t for n, t in extra_tensors.items()})
         tensors["rng/torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -139,7 +144,7 @@ class Checkpoints:
                  "optimizer": optim_json, "scheduler": scheduler.state_dict(),
                  "rng": {"python": random.getstate(),
                          "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-                 "extra": self.extra, "tensors": tensor_file.name, "sha256": sha256_file(tensor_file)}
+                 "extra": extra, "tensors": tensor_file.name, "sha256": sha256_file(tensor_file)}
         atomic_write_text(self.folder / STATE_FILE, json.dumps(state, ensure_ascii=False))
         for name in _names(self.folder):  # older tensors, and temporary files a kill left behind
             if name != tensor_file.name and name != STATE_FILE:
@@ -185,20 +190,6 @@ def _optimizer_state(saved: dict, tensors: dict[str, torch.Tensor], optimizer) -
         # JSON turned tuples (AdamW's betas) into lists; give them back their type.
         groups.append({k: tuple(v) if isinstance(fresh.get(k), tuple) else v for k, v in group.items()})
     return {"state": state, "param_groups": groups}
-
-
-def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    keys = sorted(set(saved) | set(current))
-    out = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) or isinstance(b, dict):
-            a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})
-            out += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def _names(folder: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The training loop: one loop for every peft method (GUIDE rule 3).
+"""The training loop: one loop for every peft method (their differences live in models/methods.py).
 
 Loss is the cross entropy of the gold label word after the prompt, never of the prompt itself:
 `lm` over the whole vocabulary (what a causal-LM fine-tune on the answer token does), or
@@ -20,11 +20,27 @@ from peftlab.config import TrainConfig
 from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
 from peftlab.evaluate.scoring import Row, example_length, example_scores, prefix_cache, shareable_prefix
+from peftlab.models.methods import position_offset
 from peftlab.train.checkpoint import Checkpoints, Position
 
 
 class TrainingDiverged(PeftlabError):
     """The loss became NaN or infinite: the cell stops instead of training on garbage."""
+
+
+@dataclass
+class Objective:
+    """What training minimises: the tokenised rows, their gold classes, and the loss over them.
+
+    `loss` is `lm` (cross entropy of the gold label word over the whole vocabulary) or `classes` (over
+    the label words only); `pad_id` pads the batches.
+    """
+
+    rows: list[list[Row]]
+    labels: list[int]
+    n_classes: int
+    pad_id: int
+    loss: str
 
 
 @dataclass
@@ -67,8 +83,7 @@ def batch_loss(model, batch: list[list[Row]], gold: torch.Tensor, n_classes: int
     return -scores.gather(1, gold.to(scores.device)[:, None]).mean()
 
 
-def check_loss(pending: torch.Tensor, pos: Position, checked: int, step: int, epoch: int, lr: float,
-               check_every: int) -> int:
+def check_loss(pending: torch.Tensor, pos: Position, checked: int, step: int, epoch: int, lr: float) -> int:
     """Move the loss summed since batch `checked` into `pos`, or stop if it is not finite."""
     window = pending.item()
     if not math.isfinite(window):
@@ -105,28 +120,31 @@ def training_prefix(model, rows: list[list[Row]], offset: int, config: TrainConf
     return shareable_prefix(model, rows, offset)
 
 
-def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: int, offset: int,
-        config: TrainConfig, lr: float, on_epoch_end: Callable[[int], dict] | None = None,
+def fit(model, objective: Objective, config: TrainConfig, on_epoch_end: Callable[[EpochRecord], dict] | None = None,
         progress: bool = True, checkpoints: Checkpoints | None = None, cluster: Cluster = SINGLE,
-        share_prefix: bool = True) -> list[EpochRecord]:
-    """Train the trainable parameters of `model`; evaluate through `on_epoch_end` after each epoch.
+        share_prefix: bool = True, on_step: Callable[[int, float, float], None] | None = None
+        ) -> list[EpochRecord]:
+    """Train the trainable parameters of `model` on `objective`; evaluate through `on_epoch_end` after each epoch.
 
     With `checkpoints`, the whole state is saved every `checkpoint_every` optimiser steps and after
     each epoch; if `checkpoints` has loaded a checkpoint, training continues from it and ends as the
     uninterrupted run would (bitwise on CPU). With several processes (`cluster`), each batch is split
     across them and the adapter's gradients are summed (peftlab.distributed). With `share_prefix`, the
     prompt prefix all rows share is computed once per batch where that is exact (`training_prefix`).
+    `on_step(optimizer_step, loss, lr)` is called after each optimiser step with the mean loss of the
+    examples since the last call (read only where the loop reads it anyway: every batch on a CPU).
     """
     from tqdm.auto import tqdm
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise PeftlabError("the model has no trainable parameters; choose a peft method with --method")
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=config.weight_decay)
+    rows, offset = objective.rows, position_offset(model)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(rows) / config.batch_size) / config.grad_accum)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     lengths = [example_length(r) for r in rows]
-    gold_t = torch.tensor(gold)
+    gold_t = torch.tensor(objective.labels)
     device = next(iter(params.values())).device
     check_every = 1 if device.type == "cpu" else 8
     prefix_ids = training_prefix(model, rows, offset, config, cluster) if share_prefix else None
@@ -143,11 +161,12 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
         bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                    disable=not progress, leave=False)
         pending, checked = torch.zeros((), dtype=torch.float64, device=device), pos.batch
+        logged = (pos.loss_sum, pos.seen)  # the running sums when on_step was last called
         for step in range(pos.batch + 1, len(batches) + 1):
             batch, share = cluster.shard_batch(batches[step - 1])  # this process's part: all of it alone
             counted = len(batch) if share else 0                   # a 0-share stand-in counts nothing
-            loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], n_classes, pad_id, offset, config.loss,
-                              prefix_ids)
+            loss = batch_loss(model, [rows[i] for i in batch], gold_t[batch], objective.n_classes, objective.pad_id,
+                              offset, objective.loss, prefix_ids)
             (loss * share / config.grad_accum).backward()
             pending += loss.detach().double() * counted
             pos.batch, pos.seen = step, pos.seen + counted
@@ -157,12 +176,13 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
             # a GPU every `check_every` batches, so the host queues the next batch's work meanwhile. Either
             # way a non-finite loss stops the run before a checkpoint or an evaluation can keep its result.
             if step % check_every == 0 or step == len(batches):
-                checked = check_loss(pending, pos, checked, step, epoch, lr, check_every)
+                checked = check_loss(pending, pos, checked, step, epoch, config.lr)
                 pos.seconds = time.perf_counter() - start
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{pos.loss_sum / max(pos.seen, 1):.4f}",
                                 tok_s=f"{pos.tokens / pos.seconds:.0f}")
             if optimizer_step:
+                lr = optimizer.param_groups[0]["lr"]
                 cluster.all_reduce_gradients(params.values())
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
@@ -170,16 +190,19 @@ def fit(model, rows: list[list[Row]], gold: list[int], n_classes: int, pad_id: i
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 pos.optimizer_steps += 1
+                if on_step is not None and checked == step:
+                    on_step(pos.optimizer_steps, (pos.loss_sum - logged[0]) / max(pos.seen - logged[1], 1), lr)
+                    logged = (pos.loss_sum, pos.seen)
                 # Only between optimiser steps: accumulated gradients are not part of a checkpoint.
                 if checkpoints is not None and checkpoints.due(pos) and step < len(batches):
-                    checked = check_loss(pending, pos, checked, step, epoch, lr, check_every)
+                    checked = check_loss(pending, pos, checked, step, epoch, config.lr)
                     pos.seconds = time.perf_counter() - start
                     checkpoints.save(pos, params, optimizer, scheduler)
         bar.close()
         loss_sum, seen, tokens = cluster.sum(pos.loss_sum, pos.seen, pos.tokens)  # over all processes
         record = EpochRecord(epoch=epoch, loss=loss_sum / max(seen, 1), seconds=pos.seconds, tokens=int(tokens))
         if on_epoch_end is not None:
-            record.metrics = on_epoch_end(epoch)
+            record.metrics = on_epoch_end(record)
         history.append(record)
         pos = Position(epoch=epoch + 1, optimizer_steps=pos.optimizer_steps, order_rng=rng.getstate(),
                        history=[asdict(h) for h in history])
