@@ -223,9 +223,9 @@ class RunConfig:
     out: str | None = opt(None, "output folder of the run (default: runs/<command>-<time>)")
 
     def __post_init__(self):
-        if self.eval.calibration == "val" and not getattr(self.data, "n_val", 0):  # issue 13: the prior needs data
+        if self.eval.calibration == "val" and self.data.n_val == 0:  # issue 13: the prior needs data (None: all)
             raise PeftlabError("eval.calibration=val fits the prior on a validation split, and there is none: set "
-                               "data.n_val > 0 or use eval.calibration=content-free")
+                               "data.n_val > 0 (peftlab train) or use eval.calibration=content-free")
         # Method-dependent defaults, resolved here so that the saved config shows what ran.
         prompt_learning = self.method.method in PROMPT_LEARNING_METHODS
         if self.train.loss is None:

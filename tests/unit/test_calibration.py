@@ -92,3 +92,33 @@ def test_content_free_decisions_of_a_run_equal_a_hand_calibration_of_plain_forwa
         adjusted = [math.exp(s / n) / p for s, n, p in zip(raw, lengths, p_cf)]
         assert line["pred"] == ("negative", "positive")[adjusted.index(max(adjusted))]
     assert metrics["decision"]["score_norm"] == norm
+
+
+def test_a_validation_prior_is_fitted_on_the_validation_scores_of_the_chosen_adapter(
+        tiny_model_dir, imdb_dir, tmp_path, one_torch_thread):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab.config import PromptConfig
+    from peftlab.data import load_splits
+    from peftlab.prompts import build_prompt_encoder
+    from peftlab.runs import run_train, sample_task
+    from tests.unit.test_scoring import plain_label_logprobs
+
+    cfg = build_config({"model.name": str(tiny_model_dir), "model.dtype": "fp32", "data.source": str(imdb_dir),
+                        "data.n_train": 8, "data.n_val": 6, "data.n_test": 6, "prompt.max_input_tokens": 32,
+                        "train.epochs": 1, "train.batch_size": 4, "train.lr": 5e-2, "method.lora_dropout": 0.0,
+                        "eval.calibration": "val", "eval.score_norm": "token", "out": str(tmp_path / "run")})
+    metrics = run_train(cfg, progress=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=32), ["negative", "positive"], True)
+    val = sample_task(cfg, load_splits(cfg.data)).val
+    assert len(val) == 6
+    with torch.no_grad():
+        encoded = enc.encode(val, tok)
+        scores = torch.tensor([plain_label_logprobs(model, e.prompt_ids, enc.label_ids) for e in encoded])
+    lengths = torch.tensor([len(ids) for ids in enc.label_ids], dtype=scores.dtype)
+    expected = fit_prior(scores / lengths, [e.label for e in encoded])
+    assert list(metrics["decision"]["log_prior_offsets"].values()) == pytest.approx(expected.tolist(), abs=1e-4)
