@@ -28,7 +28,7 @@ from peftlab.data.sampling import Samples
 from peftlab.data.examples import Example, replace_lone_surrogates
 from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import PeftlabError, resource_errors
-from peftlab.evaluate.metrics import classification_metrics
+from peftlab.evaluate.metrics import metrics_from_scores
 from peftlab.evaluate.scoring import ScoreResult, build_rows, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
 from peftlab.models.loading import resolve_model_source
@@ -138,7 +138,7 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
         config.eval.max_batch_tokens)
     preds = result.scores.argmax(dim=1).tolist()
     gold = [e.label for e in encoded]
-    metrics = classification_metrics(gold, preds, encoder.classes)
+    metrics = metrics_from_scores(result.scores, gold, encoder.classes)  # issue 12: + calibration
     metrics.update(eval_seconds=result.seconds, eval_tokens=result.tokens, eval_tokens_per_s=result.tokens_per_s,
                    truncated_share=sum(e.truncated for e in encoded) / max(len(encoded), 1))
     predictions = [
