@@ -202,6 +202,10 @@ def add_tune_parser(sub) -> None:
 
 
 def run_tune_command(args: argparse.Namespace) -> int:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise PeftlabError("peftlab tune needs Optuna: pip install 'peftlab[tune]'") from None
     from peftlab.experiments import ResultsStore
     from peftlab.experiments.tune import load_tune, run_tune
 

@@ -83,6 +83,16 @@ def test_bad_tune_yaml_exits_2_with_one_line(tmp_path, tiny_model_dir, imdb_dir,
     assert words in err and err.count("\n") == 1
 
 
+def test_shipped_tune_configs_load():
+    from peftlab.experiments.tune import load_tune
+
+    files = sorted((Path(__file__).resolve().parents[2] / "configs" / "tune").glob("*.yaml"))
+    assert files
+    for path in files:
+        tune = load_tune(path)
+        assert tune.spec.trials >= 16 and tune.space and tune.base["data.n_val"] > 0
+
+
 # -- a whole search --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, tiny_model_dir, imdb_dir, one_torch_thread):
