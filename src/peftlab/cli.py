@@ -53,6 +53,7 @@ READS = {
              "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",
              "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
     "sweep": ("model", "data", "prompt", "method", "train", "eval", "adapter", "out"),  # base overrides
+    "tune": ("model", "data", "prompt", "method", "train", "eval", "out"),  # base overrides of every trial
 }
 # Keys of a section above that the command does not read: evaluation draws no training sample and
 # chooses no epoch, so it has no use for a validation split.
@@ -198,7 +199,7 @@ def add_tune_parser(sub) -> None:
     p.add_argument("tune_config", metavar="CONFIG.yaml", help="tune YAML (see below)")
     p.add_argument("--store", help="results store (SQLite) the trials are cells of; give a sweep's store to reuse "
                    "its finished cells [default: OUT/results.sqlite]")
-    add_config_flags(p, config_file=False)
+    add_config_flags(p, "tune", config_file=False)
 
 
 def run_tune_command(args: argparse.Namespace) -> int:

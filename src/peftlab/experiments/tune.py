@@ -80,10 +80,10 @@ def load_tune(path: str | Path, overrides: dict[str, Any] | None = None, out: st
     check_scalars(base, str(path))
     base.update(overrides or {})
     yaml_out = base.pop("out", None)
+    if build_config(base).data.n_val == 0:
+        raise PeftlabError(f"{path}: tune chooses on a validation split: set data.n_val (e.g. data: {{n_val: 200}}) "
+                           "or data.val_source")
     base.update(TRIAL_SETTINGS)
-    config = build_config(base)
-    if not config.data.n_val:
-        raise PeftlabError(f"{path}: tune chooses on a validation split: set data.n_val (e.g. data: {{n_val: 200}})")
     space = parse_search_space(search_raw, base, str(path))
     name = spec.study or path.stem
     root = Path(out or yaml_out or Path("runs") / "tune" / name)
