@@ -110,7 +110,7 @@ def foreign_flag(parser: argparse.ArgumentParser, argv: list[str]) -> str | None
         flag = word.split("=", 1)[0]
         if flag in own or flag not in by_flag:
             continue
-        users = [f"`peftlab {c}`" for c in READS if c != "sweep" and by_flag[flag] in command_keys(c)]
+        users = [f"`peftlab {c}`" for c in READS if c not in ("sweep", "tune") and by_flag[flag] in command_keys(c)]
         users = users or ["`peftlab sweep`"]
         which = users[0] if len(users) == 1 else ", ".join(users[:-1]) + " or " + users[-1]
         return f"peftlab {command} does not use {flag} ({by_flag[flag]}); it is a {which} option"
