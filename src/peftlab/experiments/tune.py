@@ -14,8 +14,9 @@ The study is Optuna's own RDB storage in one SQLite file, so kill -9 at any mome
 command continues it:
 - one tune at a time owns a study (an flock on <study file>.lock, dropped by the kernel when the
   process dies), so a trial still RUNNING when the study is opened was cut off: it is marked FAIL
-  (user attribute cut_off) and redone; Optuna's heartbeat would do this too, but it needs
-  study.optimize, and it waits for a grace period, not for a lock;
+  (without the user attribute `reason` that a real failure has) and redone; Optuna's heartbeat
+  (RDBStorage(heartbeat_interval=...)) would do this too, but it works with study.optimize only,
+  not with ask/tell, and it waits for a grace period where the lock already tells;
 - the sampler is made afresh before each trial, seeded by (tune.seed, trials ended so far), and
   a cut-off trial is not in the history TPE reads, so the redone trial draws the parameters the
   cut-off one drew, and a resumed search asks exactly what an unbroken one asks;
@@ -135,8 +136,7 @@ def open_study(tune: Tune, log: Callable[[str], None]) -> optuna.Study:
         raise PeftlabError(f"study {tune.name} in {tune.storage} was made for the other objective direction; "
                            "keep tune.objective as it was, or give another --out")
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "cut_off", True)
-        study.tell(trial.number, state=TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)  # no "reason" attribute: cut off, not counted
         log(f"trial {trial.number} was cut off by a kill: redone")
     return study
 

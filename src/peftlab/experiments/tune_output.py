@@ -47,7 +47,8 @@ def trials_table(study: optuna.Study, keys: list[str]) -> tuple[list[str], list[
     rows = []
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
-        note = t.user_attrs.get("reason") or ("cut off by a kill, redone" if t.user_attrs.get("cut_off") else "")
+        cut_off = t.state == optuna.trial.TrialState.FAIL and "reason" not in t.user_attrs
+        note = t.user_attrs.get("reason") or ("cut off by a kill, redone" if cut_off else "")
         rows.append([t.number, t.state.name, t.value, len(t.intermediate_values)] + [t.params.get(k) for k in keys]
                     + [t.user_attrs.get("cell_key"), seconds, note])
     return header, rows
