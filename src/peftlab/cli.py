@@ -191,9 +191,10 @@ def add_tune_parser(sub) -> None:
               "  method.virtual_tokens: int(4, 80)   (int(4, 80, log): on a log scale)\n"
               "  method.lora_r: [4, 8, 16]           (a list: categorical)\n"
               "tune: (optional)\n" + fields + "\n"
-              "--out OUT is the search's folder [default: runs/tune/<study>]; it gets study.sqlite3 (watch: optuna-dashboard sqlite:///OUT/study.sqlite3), trials/ (one run\n"
-              "per trial, validation only), best-run/ (the best config, test subset scored once), best.yaml (runs\n"
-              "with `peftlab train --config`), best.json, trials.csv, trials.md, plots/. Trials run one at a time.")
+              "--out OUT is the search's folder [default: runs/tune/<study>]; it gets study.sqlite3 (watch it live:\n"
+              "optuna-dashboard sqlite:///OUT/study.sqlite3), trials/ (one run per trial, validation only), best-run/\n"
+              "(the best config, test subset scored once), best.yaml (runs with `peftlab train --config`), best.json,\n"
+              "trials.csv, trials.md and plots/. Trials run one at a time (no --workers yet).")
     p = sub.add_parser("tune", help=EXPERIMENT_COMMANDS["tune"], description=EXPERIMENT_COMMANDS["tune"],
                        epilog=epilog.replace("%", "%%"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tune_config", metavar="CONFIG.yaml", help="tune YAML (see below)")

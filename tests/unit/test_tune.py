@@ -209,3 +209,36 @@ def test_a_search_killed_in_every_phase_resumes_to_the_unbroken_result(unbroken,
     with sqlite3.connect(tmp_path / "out" / "results.sqlite") as conn:
         keys = [k for (k,) in conn.execute("SELECT key FROM cells WHERE status='finished'")]
     assert len(keys) == len(set(keys))
+
+
+def test_help_documents_the_tune_yaml(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    for words in ("loguniform(1e-5, 1e-2)", "int(4, 80, log)", "[4, 8, 16]", "tune.trials", "tune.pruner",
+                  "tune.objective", "optuna-dashboard sqlite:///"):
+        assert words in out
+
+
+def test_a_trial_equal_to_a_finished_grid_cell_reuses_its_stored_result(tmp_path, tiny_model_dir, imdb_dir):
+    from peftlab.experiments.grid import cell_key
+    from peftlab.experiments.store import ResultsStore
+    from peftlab.experiments.tune import FINAL_SETTINGS, load_tune, trial_config
+
+    path = write_tune_yaml(tmp_path, tiny_model_dir, imdb_dir, trials=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["search"] = {"method.lora_r": [4]}
+    path.write_text(yaml.safe_dump(spec))
+    # The grid cell of the same run (a sweep scores the test subset): values no real run would give.
+    grid_cell = trial_config(load_tune(path, out=tmp_path / "out"), {"method.lora_r": 4}, FINAL_SETTINGS)
+    stored = {"accuracy": 0.625, "ci95": [0.3, 0.9], "n": 8, "val": {"accuracy": 0.123, "nll": 9.5}}
+    with ResultsStore(tmp_path / "grid.sqlite", writer=True) as store:
+        store.start(cell_key(grid_cell), grid_cell.to_dict(), "runs/grid-cell")
+        store.finish(cell_key(grid_cell), stored)
+    argv = ["tune", str(path), "--out", str(tmp_path / "out"), "--store", str(tmp_path / "grid.sqlite"), "--quiet"]
+    assert main(argv) == 0
+    [trial] = trials_of(tmp_path / "out" / "study.sqlite3")
+    assert trial[2] == 9.5  # the stored val_nll: nothing was trained
+    assert not (tmp_path / "out" / "trials").exists()
+    assert json.loads((tmp_path / "out" / "best.json").read_text())["test"]["accuracy"] == 0.625
