@@ -30,7 +30,7 @@ from peftlab.data.sources import imdb_classes
 from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import PeftlabError, resource_errors
 from peftlab.evaluate.calibration import decide, fit_validation_prior
-from peftlab.evaluate.metrics import classification_metrics
+from peftlab.evaluate.metrics import metrics_from_scores
 from peftlab.evaluate.scoring import ScoreResult, build_rows, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
 from peftlab.models.loading import resolve_model_source
@@ -145,7 +145,8 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
         model, more, n_classes, tokenizer.pad_token_id, offset, progress=False).scores, tokenizer, val_offsets)
     preds = decided.argmax(dim=1).tolist()
     gold = [e.label for e in encoded]
-    metrics = classification_metrics(gold, preds, encoder.classes)
+    # Accuracy and calibration of the scores the decision is taken on (normalised and calibrated as asked).
+    metrics = metrics_from_scores(decided, gold, encoder.classes)
     metrics["decision"] = decision
     metrics.update(eval_seconds=result.seconds, eval_tokens=result.tokens, eval_tokens_per_s=result.tokens_per_s,
                    truncated_share=sum(e.truncated for e in encoded) / max(len(encoded), 1))
