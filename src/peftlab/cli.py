@@ -31,6 +31,8 @@ COMMANDS = {
 EXPERIMENT_COMMANDS = {
     "sweep": "run a grid of cells from a sweep YAML into a results store (finished cells are skipped)",
     "report": "write tables (markdown, CSV), plots (PNG) and an HTML page from a results store",
+    "tune": "hyper-parameter search on Optuna from a tune YAML (a run config + search: + tune:); a killed search "
+            "continues where it stopped",
 }
 DEFAULT_STORE = "runs/sweeps/results.sqlite"
 EXPORT_HELP = ("merge a LoRA-family adapter into its base model and save it as a plain Hugging Face folder "
@@ -53,6 +55,7 @@ READS = {
              "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",
              "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
     "sweep": ("model", "data", "prompt", "method", "train", "eval", "track", "adapter", "out"),  # base overrides
+    "tune": ("model", "data", "prompt", "method", "train", "eval", "out"),  # base overrides of every trial
 }
 # Keys of a section above that the command does not read: evaluation draws no training sample and
 # chooses no epoch, so it has no use for a validation split.
@@ -109,7 +112,7 @@ def foreign_flag(parser: argparse.ArgumentParser, argv: list[str]) -> str | None
         flag = word.split("=", 1)[0]
         if flag in own or flag not in by_flag:
             continue
-        users = [f"`peftlab {c}`" for c in READS if c != "sweep" and by_flag[flag] in command_keys(c)]
+        users = [f"`peftlab {c}`" for c in READS if c not in ("sweep", "tune") and by_flag[flag] in command_keys(c)]
         users = users or ["`peftlab sweep`"]
         which = users[0] if len(users) == 1 else ", ".join(users[:-1]) + " or " + users[-1]
         return f"peftlab {command} does not use {flag} ({by_flag[flag]}); it is a {which} option"
@@ -182,10 +185,60 @@ def add_experiment_parsers(sub) -> None:
                    "several give one report")
     p.add_argument("--out", help="report folder [default: report/ beside the (first) store]")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    add_tune_parser(sub)
+
+
+def add_tune_parser(sub) -> None:
+    import dataclasses
+
+    from peftlab.experiments.search_space import TuneSpec
+
+    import textwrap
+
+    fields = "\n".join(textwrap.fill(f"tune.{f.name}: {f.metadata['help']} [default: {f.default}]", 100,
+                                      initial_indent="  ", subsequent_indent="      ")
+                        for f in dataclasses.fields(TuneSpec))
+    epilog = ("The YAML is a run config (model:, data: with n_val > 0, method:, train:, ...) plus\n"
+              "search: dotted config key -> distribution, one of\n"
+              "  train.lr: loguniform(1e-5, 1e-2)    method.lora_dropout: uniform(0, 0.3)\n"
+              "  method.virtual_tokens: int(4, 80)   (int(4, 80, log): on a log scale)\n"
+              "  method.lora_r: [4, 8, 16]           (a list: categorical)\n"
+              "tune: (optional)\n" + fields + "\n"
+              "--out OUT is the search's folder [default: runs/tune/<study>]; it gets study.sqlite3 (watch it live:\n"
+              "optuna-dashboard sqlite:///OUT/study.sqlite3), trials/ (one run per trial, validation only), best-run/\n"
+              "(the best config, test subset scored once), best.yaml (runs with `peftlab train --config`), best.json,\n"
+              "trials.csv, trials.md and plots/. Trials run one at a time (no --workers yet).")
+    p = sub.add_parser("tune", help=EXPERIMENT_COMMANDS["tune"], description=EXPERIMENT_COMMANDS["tune"],
+                       epilog=epilog.replace("%", "%%"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tune_config", metavar="CONFIG.yaml", help="tune YAML (see below)")
+    p.add_argument("--store", help="results store (SQLite) the trials are cells of; give a sweep's store to reuse "
+                   "its finished cells [default: OUT/results.sqlite]")
+    add_config_flags(p, "tune", config_file=False)
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise PeftlabError("peftlab tune needs Optuna: pip install 'peftlab[tune]'") from None
+    from peftlab.experiments import ResultsStore
+    from peftlab.experiments.tune import load_tune, run_tune
+
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    tune = load_tune(args.tune_config, overrides, out=getattr(args, "out", None))  # --out: the search's folder
+    with ResultsStore(args.store or tune.out / "results.sqlite", writer=True) as store:
+        outcome = run_tune(tune, store, progress=False if args.quiet else None)
+    test = outcome.test
+    print(f"tune {tune.name}: best {tune.spec.objective} {outcome.best_value:.4f} with {outcome.best_params}; "
+          f"test accuracy {test['accuracy']:.2%} (95% CI {test['ci95'][0]:.2%}-{test['ci95'][1]:.2%}) -> "
+          f"{outcome.paths['best_yaml']}")
+    return 0
 
 
 def run_experiment_command(args: argparse.Namespace) -> int:
-    """`peftlab sweep` and `peftlab report`."""
+    """`peftlab sweep`, `peftlab report` and `peftlab tune`."""
+    if args.command == "tune":
+        return run_tune_command(args)
     if args.command == "report":
         from peftlab.report import write_report
 
@@ -274,6 +327,8 @@ def adapter_layer(adapter: str) -> dict:
     layer["prompt.instruction"] = prompt.get("instruction", layer.get("prompt.instruction"))
     if prompt.get("words_by_class"):
         layer["prompt.label_words"] = prompt["words_by_class"]
+    evaluate = config.get("eval", {})  # decide as the run did (issue 13); a validation prior needs its split
+    layer.update({f"eval.{k}": evaluate[k] for k in ("score_norm", "calibration") if evaluate.get(k, "val") != "val"})
     return layer
 
 

@@ -30,6 +30,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 PROMPT_LEARNING_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 STRATEGIES = ("auto", "ddp", "fsdp")
+LABEL_SCHEMES = ("sentiment", "rating-4", "rating")
 SELECT_ON = ("val", "test", "last")
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 
@@ -80,8 +81,12 @@ class DataConfig:
     n_test: int | None = opt(2000, "test examples: a balanced, seeded subset, or 'all' for the whole split")
     data_seed: int = opt(0, "seed that picks the training sample and test subset (kept apart from --seed)")
     test_fraction: float = opt(0.2, "share of a single table file held out as the test split")
+    labels: str = opt("sentiment", "aclImdb classes: sentiment (negative/positive, from the folder), rating-4 "
+                      "(the file name's stars: 1-2 terrible, 3-4 poor, 7-8 good, 9-10 excellent) or rating "
+                      "(one class per star count, 1-4 and 7-10)")
 
     def __post_init__(self):
+        _choice("data.labels", self.labels, LABEL_SCHEMES)
         if self.n_train is not None:
             _positive("data.n_train", self.n_train, allow_zero=True)
         if self.n_test is not None:
@@ -106,10 +111,16 @@ class PromptConfig:
     max_input_tokens: int = opt(256, "token budget of the input text; the instruction and response "
                                 "marker are never cut")
     truncation: str = opt("head+tail", "which part of a long input to keep: head|tail|head+tail")
+    shots: int = opt(0, "k-shot: demonstrations (training examples with their label word) before each input, "
+                     "balanced over the classes and seeded by data_seed; drawn from the training split only")
+    shots_mode: str = opt("fixed", "fixed: the same demonstrations for every example (scored once, in the shared "
+                          "prompt prefix) | per-example: drawn per example")
 
     def __post_init__(self):
         _positive("prompt.max_input_tokens", self.max_input_tokens)
         _choice("prompt.truncation", self.truncation, TRUNCATION_SIDES)
+        _positive("prompt.shots", self.shots, allow_zero=True)
+        _choice("prompt.shots_mode", self.shots_mode, ("fixed", "per-example"))
 
 
 @dataclass
@@ -188,10 +199,17 @@ class TrainConfig:
 class EvalConfig:
     eval_batch_size: int = opt(16, "examples per scoring batch (batches are grouped by length)")
     max_batch_tokens: int = opt(8192, "token budget of one scoring batch, padding included")
+    score_norm: str = opt("sum", "how a label word's token log-probabilities make its score: sum (lm-eval acc), "
+                          "token (mean per token) or byte (sum / UTF-8 bytes of the word, lm-eval acc_norm)")
+    calibration: str = opt("none", "prior calibration before the argmax: none, content-free (divide by the class "
+                           "probabilities of 'N/A', '' and '[MASK]' through the same prompt, Zhao et al. 2021) or "
+                           "val (a log-prior fitted on the validation split; needs data.n_val)")
 
     def __post_init__(self):
         _positive("eval.eval_batch_size", self.eval_batch_size)
         _positive("eval.max_batch_tokens", self.max_batch_tokens)
+        _choice("eval.score_norm", self.score_norm, ("sum", "token", "byte"))
+        _choice("eval.calibration", self.calibration, ("none", "content-free", "val"))
 
 
 @dataclass
@@ -226,6 +244,9 @@ class RunConfig:
     out: str | None = opt(None, "output folder of the run (default: runs/<command>-<time>)")
 
     def __post_init__(self):
+        if self.eval.calibration == "val" and self.data.n_val == 0:  # issue 13: the prior needs data (None: all)
+            raise PeftlabError("eval.calibration=val fits the prior on a validation split, and there is none: set "
+                               "data.n_val > 0 (peftlab train) or use eval.calibration=content-free")
         # Method-dependent defaults, resolved here so that the saved config shows what ran.
         prompt_learning = self.method.method in PROMPT_LEARNING_METHODS
         if self.train.loss is None:

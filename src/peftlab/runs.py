@@ -26,9 +26,11 @@ from peftlab.config import RunConfig, dump_yaml, identity_differences
 from peftlab.data import LabelledSplits, load_splits, select_splits
 from peftlab.data.sampling import Samples
 from peftlab.data.examples import Example, replace_lone_surrogates
+from peftlab.data.sources import imdb_classes
 from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import PeftlabError, resource_errors
-from peftlab.evaluate.metrics import classification_metrics
+from peftlab.evaluate.calibration import decide, fit_validation_prior
+from peftlab.evaluate.metrics import metrics_from_scores
 from peftlab.evaluate.scoring import ScoreResult, build_rows, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
 from peftlab.models.loading import resolve_model_source
@@ -68,9 +70,11 @@ class Run:
 
     def evaluate(self, model, examples: list[Example], desc: str) -> tuple[dict, list[dict]]:
         with resource_errors("evaluating", memory_fix(self.config, training=False)):
+            offsets = fit_validation_prior(model, self.tokenizer, self.task.encoder, self.task.val,  # issue 13 hook
+                                           self.config.eval) if self.config.eval.calibration == "val" else None
             metrics, predictions, _ = evaluate_examples(model, self.tokenizer, self.task.encoder, examples,
                                                         self.config, progress=self.progress, desc=desc,
-                                                        cluster=self.cluster)
+                                                        cluster=self.cluster, val_offsets=offsets)
         return metrics, predictions
 
     def finish(self, metrics: dict, predictions: list[dict]) -> dict:
@@ -103,7 +107,8 @@ def sample_task(config: RunConfig, splits: LabelledSplits, n_train: int | None =
 
 
 def make_task(config: RunConfig, tokenizer, splits: LabelledSplits, samples: Samples) -> Task:
-    encoder = build_prompt_encoder(tokenizer, config.prompt, splits.classes, splits.is_imdb)
+    encoder = build_prompt_encoder(tokenizer, config.prompt, splits.classes, splits.is_imdb,  # issue 13 hook: shots
+                                   splits.train, config.data.data_seed)
     return Task(splits=splits, train=samples.train, val=samples.val, test=samples.test, encoder=encoder)
 
 
@@ -125,8 +130,8 @@ def open_run(config: RunConfig, command: str, model, tokenizer, progress: bool |
 
 
 def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[Example], config: RunConfig,
-                      progress: bool = True, desc: str = "evaluating", cluster: Cluster = SINGLE
-                      ) -> tuple[dict, list[dict], ScoreResult]:
+                      progress: bool = True, desc: str = "evaluating", cluster: Cluster = SINGLE,
+                      val_offsets=None) -> tuple[dict, list[dict], ScoreResult]:
     """Score the examples and return (metrics, predictions, raw scores); with several processes each
     scores its share and all receive all scores (peftlab.distributed)."""
     encoded = encoder.encode(examples, tokenizer)
@@ -136,9 +141,13 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
         model, part, n_classes, tokenizer.pad_token_id, offset, max_examples, max_tokens, progress, desc),
         rows, [sum(len(row.seq) + offset for row in r) for r in rows], n_classes, config.eval.eval_batch_size,
         config.eval.max_batch_tokens)
-    preds = result.scores.argmax(dim=1).tolist()
+    decided, decision = decide(result.scores, encoder, config.eval, lambda more: score_examples(  # issue 13 hook
+        model, more, n_classes, tokenizer.pad_token_id, offset, progress=False).scores, tokenizer, val_offsets)
+    preds = decided.argmax(dim=1).tolist()
     gold = [e.label for e in encoded]
-    metrics = classification_metrics(gold, preds, encoder.classes)
+    # Accuracy and calibration of the scores the decision is taken on (normalised and calibrated as asked).
+    metrics = metrics_from_scores(decided, gold, encoder.classes)
+    metrics["decision"] = decision
     metrics.update(eval_seconds=result.seconds, eval_tokens=result.tokens, eval_tokens_per_s=result.tokens_per_s,
                    truncated_share=sum(e.truncated for e in encoded) / max(len(encoded), 1))
     predictions = [
@@ -383,7 +392,7 @@ def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, cla
     if config.adapter:
         model = load_adapter(model, config.adapter)
     classes = classes or (record["prompt"]["classes"] if record else None) or \
-        list(config.prompt.label_words or {"negative": 0, "positive": 1})
+        list(config.prompt.label_words or imdb_classes(config.data.labels))  # issue 13: rating-4
     encoder = build_prompt_encoder(tokenizer, config.prompt, classes, is_imdb)
     # Untrusted text: lone surrogates (from JSON escapes) cannot be tokenised or printed as UTF-8.
     texts = [replace_lone_surrogates(str(t)) for t in texts]
@@ -392,7 +401,10 @@ def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, cla
     rows = build_rows(encoded, encoder.label_ids)
     result = score_examples(model, rows, len(classes), tokenizer.pad_token_id, position_offset(model),
                             config.eval.eval_batch_size, config.eval.max_batch_tokens, progress=False)
-    probs = torch.softmax(result.scores, dim=1)
-    return [{"text": t, "pred": classes[int(s.argmax())], "prob": round(float(p.max()), 6),
+    offset = position_offset(model)
+    decided, _ = decide(result.scores, encoder, config.eval, lambda more: score_examples(  # issue 13 hook
+        model, more, len(classes), tokenizer.pad_token_id, offset, progress=False).scores, tokenizer)
+    probs = torch.softmax(decided, dim=1)  # over the classes, after normalisation and calibration
+    return [{"text": t, "pred": classes[int(p.argmax())], "prob": round(float(p.max()), 6),
              "scores": {c: round(float(v), 6) for c, v in zip(classes, s.tolist())}}
             for t, s, p in zip(texts, result.scores, probs)]

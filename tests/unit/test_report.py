@@ -168,3 +168,57 @@ def test_several_stores_make_one_report_and_clashing_sweep_names_are_refused(sto
 
     assert main(["report", str(store_path), str(store_path), "--out", str(tmp_path / "twice"), "--no-plots"]) == 2
     assert "the stores hold sweeps of the same name" in capsys.readouterr().err
+
+
+def test_the_protocol_heads_each_table_and_the_validation_choice_gets_its_own(tmp_path):
+    path = tmp_path / "gap.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        cells = []
+        for n, on_test, on_val, k in ((50, 0.70, 0.66, 1), (150, 0.80, 0.80, 2)):
+            r = record(on_test, n, 0.0)
+            r.update(selected_on="test", selected_on_val={"epoch": k, "accuracy": on_val,
+                                                          "ci95": list(wilson_interval(round(on_val * N_TEST), N_TEST)),
+                                                          "val_accuracy": 0.9})
+            cells.append(({"data.n_train": n}, r))
+        add_sweep(store, "gap", {"data.n_train": [50, 150]}, cells)
+        add_sweep(store, "old", {"data.n_train": [50]}, [({"data.n_train": 50}, record(0.7, 50, 0.0))])
+    with ResultsStore(path) as store:
+        tables = {t.title: t for t in build_tables(store)}
+    from peftlab.report.tables import protocol_note
+
+    assert "selected on test: optimistic" in protocol_note(tables["gap"])
+    assert "selected on test: optimistic" in protocol_note(tables["old"])  # stored before select_on: on test
+    twin = tables["gap, epoch chosen on the validation split"]
+    assert "validation split" in protocol_note(twin)
+    _, rows = table_grid(twin)
+    assert [row[1].rstrip(MARK_LEFT + MARK_UP) for row in rows] == ["66.00 (1)", "80.00 (2)"]
+    report = write_report(path, tmp_path / "report", plots=False)
+    text = report["markdown"].read_text()
+    assert text.count("*Protocol: epoch selected on test: optimistic") == 2 and "epoch chosen on the validation" in text
+
+
+def test_calibration_columns_and_reliability_diagram_come_from_the_cell_records(tmp_path):
+    import math
+
+    import torch
+
+    from peftlab.evaluate.calibration_metrics import calibration_metrics
+    from peftlab.report.plots import pooled_bins
+
+    # Two seeds of one setting: confidences .9 (right) and .7 (wrong) land in bins 13 and 10.
+    calib = [calibration_metrics(torch.tensor([[math.log(.9), math.log(.1)]]), [0]),
+             calibration_metrics(torch.tensor([[math.log(.3), math.log(.7)]]), [0])]
+    path = tmp_path / "results.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        cells = [({"train.seed": s}, {**record(0.7, 50, 0.1, seed=s), **calib[s]}) for s in (0, 1)]
+        add_sweep(store, "calibrated", {"train.seed": [0, 1]}, cells)
+    out = tmp_path / "report"
+    assert main(["report", str(path), "--out", str(out)]) == 0
+    with open(out / "tables" / "cells.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["nll"]) for r in rows] == pytest.approx([-math.log(.9), -math.log(.3)])
+    assert [float(r["ece"]) for r in rows] == pytest.approx([.1, .7])
+    assert (out / "plots" / "calibrated-reliability.png").read_bytes()[:4] == b"\x89PNG"
+    pooled = pooled_bins([cells[0][1], cells[1][1]])
+    assert pooled["count"][13] == 1 and pooled["count"][10] == 1 and sum(pooled["count"]) == 2
+    assert pooled["accuracy"][10] == 0.0 and pooled["confidence"][13] == pytest.approx(.9)

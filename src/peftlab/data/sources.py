@@ -22,6 +22,12 @@ from peftlab.errors import PeftlabError
 IMDB_HUB_ID = "stanfordnlp/imdb"
 IMDB_CLASSES = ["negative", "positive"]
 IMDB_FOLDER_LABELS = {"neg": "negative", "pos": "positive"}
+# data.labels=rating-4: the stars in each file name (aclImdb has no 5 or 6: Maas et al. 2011 kept <= 4 and
+# >= 7) in four ordered classes, named by the adjective a reviewer would use. Each is one common English
+# word, so the model's prior over them comes from ordinary text, and no name begins another.
+RATING_4 = {1: "terrible", 2: "terrible", 3: "poor", 4: "poor", 7: "good", 8: "good", 9: "excellent",
+            10: "excellent"}
+IMDB_RATINGS = (1, 2, 3, 4, 7, 8, 9, 10)
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt; the aclImdb/ prefix is optional so that a
 # folder holding train/ and test/ directly is read too.
 IMDB_MEMBER = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+_\d+)\.txt$")
@@ -40,15 +46,25 @@ def load_splits(config: DataConfig) -> LabelledSplits:
                            "--n-val to draw the validation examples from it")
     if path.exists():
         if path.is_dir() or path.name.endswith(ARCHIVE_SUFFIXES):
-            return load_aclimdb(path)
+            return load_aclimdb(path, config.labels)
         if path.name.lower().endswith(TABLE_SUFFIXES):
+            refuse_label_scheme(config, f"the table {path.name}")
             return load_table_splits(path, config)
         raise PeftlabError(f"data file {path} has an unsupported type: give an aclImdb folder or "
                            f".tar.gz, or a {'/'.join(TABLE_SUFFIXES)} file")
     if _looks_like_path(source):
         raise PeftlabError(f"data path {source} does not exist: check --data (an aclImdb folder or "
                            ".tar.gz, a table file, or a hub data set name)")
+    refuse_label_scheme(config, f"the hub data set {source!r}")
     return load_hub_splits(source, config)
+
+
+def refuse_label_scheme(config: DataConfig, what: str) -> None:
+    # Only aclImdb file names carry star ratings; elsewhere data.label_map says what the classes are.
+    if config.labels != "sentiment":
+        raise PeftlabError(f"data.labels={config.labels} needs the star ratings of aclImdb file names, which "
+                           f"{what} does not have; give an aclImdb folder or .tar.gz, or map labels with "
+                           "data.label_map")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -64,19 +80,38 @@ def clean_review(text: str) -> str:
 
 # ---------------------------------------------------------------- aclImdb folder or archive
 
-def load_aclimdb(path: Path) -> LabelledSplits:
-    """IMDB in the official aclImdb layout, from the extracted folder or the .tar.gz itself."""
+def load_aclimdb(path: Path, labels: str = "sentiment") -> LabelledSplits:
+    """IMDB in the official aclImdb layout, from the extracted folder or the .tar.gz itself; `labels`
+    (data.labels) chooses the classes: the folder's sentiment or the file name's star rating."""
     stat = path.stat()
     rows = _read_aclimdb(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     splits = {"train": [], "test": []}
     for split, ex in rows:
-        splits[split].append(ex)
+        splits[split].append(ex if labels == "sentiment" else relabel_by_rating(ex, labels))
     for split, examples in splits.items():
         if not examples:
             raise PeftlabError(f"{path} holds no {split} reviews in the aclImdb layout "
                                f"({split}/pos/*.txt, {split}/neg/*.txt); check that it is aclImdb")
-    return LabelledSplits(train=splits["train"], test=splits["test"], classes=list(IMDB_CLASSES),
-                          name="imdb", is_imdb=True)
+    return LabelledSplits(train=splits["train"], test=splits["test"], classes=imdb_classes(labels),
+                          name="imdb" if labels == "sentiment" else f"imdb-{labels}", is_imdb=True)
+
+
+def imdb_classes(labels: str) -> list[str]:
+    """The ordered class names of a data.labels scheme (lowest rating first)."""
+    if labels == "rating-4":
+        return list(dict.fromkeys(RATING_4.values()))
+    if labels == "rating":
+        return [str(r) for r in IMDB_RATINGS]
+    return list(IMDB_CLASSES)
+
+
+def relabel_by_rating(ex: Example, labels: str) -> Example:
+    """The example with its class taken from the star rating in its id (`test/pos/123_9`: 9 stars)."""
+    rating = int(ex.id.rsplit("_", 1)[1])
+    if rating not in IMDB_RATINGS:
+        raise PeftlabError(f"aclImdb review {ex.id} has rating {rating}; aclImdb ratings are 1-4 and 7-10, "
+                           "so the file name is not from the official data set: use data.labels=sentiment")
+    return Example(id=ex.id, text=ex.text, label=RATING_4[rating] if labels == "rating-4" else str(rating))
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,4 +1,5 @@
-"""Classification metrics: accuracy with a Wilson 95% interval, per-class P/R/F1, confusion."""
+"""Classification metrics: accuracy with a Wilson 95% interval, per-class P/R/F1, confusion, and (from
+the scores) calibration: see evaluate/calibration_metrics.py."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ def classification_metrics(gold: list[int], pred: list[int], classes: list[str])
         "macro_f1": sum(c["f1"] for c in per_class.values()) / k if k else 0.0,
         "confusion": {"labels": list(classes), "matrix": confusion},
     }
+
+
+def metrics_from_scores(scores, gold: list[int], classes: list[str]) -> dict:
+    """The full metrics of one evaluation from its (n, k) label-word scores: classification_metrics of the
+    argmax, plus calibration (nll, brier, ece with its reliability bins, auroc; evaluate/calibration_metrics.py)."""
+    from peftlab.evaluate.calibration_metrics import calibration_metrics
+
+    pred = scores.argmax(dim=1).tolist() if len(gold) else []
+    metrics = classification_metrics(gold, pred, classes)
+    metrics.update(calibration_metrics(scores, gold))
+    return metrics

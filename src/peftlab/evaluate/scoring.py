@@ -153,18 +153,24 @@ def prefix_cache(model, ids: list[int]) -> SharedPrefix:
     graph: the rows' gradients flow back through the one pass, summed over the batch, so a step
     computes the prefix once instead of once per example.
     """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     ids_t = torch.tensor([ids], device=device)
     virtual = 0
+    # A cache of full layers only, not the model's own (DynamicCache(config=...)): a sliding-window layer
+    # (Gemma 3, Mistral) would keep just its last `sliding_window` keys, and the rows behind the prefix
+    # need all of them, at their own positions; their sliding mask still limits what each row sees.
+    full = {cache_argument(model): DynamicCache()}
     with adapter_autocast(model, device), attention_kernels(device):
         if virtual_prompt_method(model):
             base = model.get_base_model()
             embeds = base.get_input_embeddings()(ids_t)
             prompt = model.get_prompt(batch_size=1).to(embeds.dtype)
             virtual = prompt.shape[1]
-            out = base(inputs_embeds=torch.cat([prompt, embeds], dim=1), use_cache=True, logits_to_keep=1)
+            out = base(inputs_embeds=torch.cat([prompt, embeds], dim=1), use_cache=True, logits_to_keep=1, **full)
         else:
-            out = model(input_ids=ids_t, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids_t, use_cache=True, logits_to_keep=1, **full)
     cache = out.get("cache") or out.get("past_key_values")  # renamed to `cache` in transformers 5.24
     return SharedPrefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers], virtual)
 

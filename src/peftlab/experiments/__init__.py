@@ -1,8 +1,18 @@
-"""Experiments: sweep grids expanded into cells, a crash-safe SQLite results store, the runner."""
+"""Experiments: sweep grids expanded into cells, a crash-safe SQLite results store, the runner, tune.
 
-from peftlab.experiments.grid import Cell, Sweep, SweepSpec, cell_key, load_sweep
-from peftlab.experiments.runner import BaseModelChanged, SweepOutcome, run_sweep
-from peftlab.experiments.store import ResultsStore
+Names are imported on first use (PEP 562), so that `peftlab tune --help` can read the tune YAML's
+documentation (experiments.search_space) without importing torch through the runner.
+"""
 
-__all__ = ["BaseModelChanged", "Cell", "ResultsStore", "Sweep", "SweepOutcome", "SweepSpec", "cell_key",
-           "load_sweep", "run_sweep"]
+import importlib
+
+_HOMES = {"Cell": "grid", "Sweep": "grid", "SweepSpec": "grid", "cell_key": "grid", "load_sweep": "grid",
+          "BaseModelChanged": "runner", "SweepOutcome": "runner", "run_sweep": "runner", "ResultsStore": "store"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'peftlab.experiments' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"peftlab.experiments.{_HOMES[name]}"), name)

@@ -8,7 +8,8 @@ BPE tokenizer splits "positive" differently at the start of a text than after a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from peftlab.config import PromptConfig
 from peftlab.data.examples import Example, replace_lone_surrogates
@@ -45,6 +46,14 @@ class PromptEncoder:
     instruction: str
     prefix_text: str
     suffix_text: str
+    body_prefix_ids: list[int] = field(default_factory=list)  # prefix_ids without the BOS and demonstrations
+    demonstrations: list[Example] = field(default_factory=list)  # prompt.shots_mode=fixed: inside prefix_ids
+    demonstrations_for: Callable[[Example], list[int]] | None = None  # per-example: ids of that example's
+
+    @property
+    def bos_ids(self) -> list[int]:
+        """What the tokenizer puts before any text (BOS, or nothing for GPT-2-style tokenizers)."""
+        return self.prefix_ids[: len(self.prefix_ids) - len(self.body_prefix_ids)]
 
     def truncate(self, ids: list[int]) -> list[int]:
         budget = self.max_input_tokens
@@ -69,7 +78,10 @@ class PromptEncoder:
         out = []
         for ex, ids in zip(examples, ids_list):
             kept = self.truncate(ids)
-            out.append(EncodedExample(id=ex.id, prompt_ids=self.prefix_ids + kept + self.suffix_ids,
+            prefix = self.prefix_ids
+            if self.demonstrations_for is not None:  # per-example demonstrations, after the BOS
+                prefix = self.bos_ids + self.demonstrations_for(ex) + self.body_prefix_ids
+            out.append(EncodedExample(id=ex.id, prompt_ids=prefix + kept + self.suffix_ids,
                                       label=label_index.get(ex.label), truncated=len(kept) < len(ids)))
         return out
 
@@ -78,11 +90,15 @@ class PromptEncoder:
         return {"classes": self.classes, "words_by_class": dict(zip(self.classes, self.bare_words)),
                 "label_words": self.label_words, "label_ids": self.label_ids,
                 "instruction": self.instruction, "prefix": self.prefix_text, "suffix": self.suffix_text,
-                "max_input_tokens": self.max_input_tokens, "truncation": self.truncation}
+                "max_input_tokens": self.max_input_tokens, "truncation": self.truncation,
+                "demonstrations": [ex.id for ex in self.demonstrations],
+                "demonstrations_per_example": self.demonstrations_for is not None}
 
 
-def build_prompt_encoder(tokenizer, config: PromptConfig, classes: list[str], is_imdb: bool) -> PromptEncoder:
-    """Render the template, tokenise its fixed parts and the label words, and check the words."""
+def build_prompt_encoder(tokenizer, config: PromptConfig, classes: list[str], is_imdb: bool,
+                         demonstrations_from: list[Example] | None = None, data_seed: int = 0) -> PromptEncoder:
+    """Render the template, tokenise its fixed parts and the label words, and check the words; with
+    prompt.shots, add demonstrations drawn from `demonstrations_from` (the training split)."""
     words_by_class = dict(config.label_words) if config.label_words else {c: c for c in classes}
     missing = [c for c in classes if c not in words_by_class]
     extra = [c for c in words_by_class if c not in classes]
@@ -101,10 +117,34 @@ def build_prompt_encoder(tokenizer, config: PromptConfig, classes: list[str], is
     words = [w if w[:1].isspace() else glue + w for w in bare_words]
     label_ids = [label_ids_in_context(tokenizer, suffix_text, suffix_ids, w) for w in words]
     check_label_ids(tokenizer, words, label_ids)
-    return PromptEncoder(classes=list(classes), bare_words=bare_words, label_words=words, label_ids=label_ids, prefix_ids=prefix_ids,
-                         suffix_ids=suffix_ids, max_input_tokens=config.max_input_tokens,
-                         truncation=config.truncation, instruction=instruction,
-                         prefix_text=prefix_text, suffix_text=suffix_text)
+    body = _ids(tokenizer, prefix_text, special=False)
+    encoder = PromptEncoder(classes=list(classes), bare_words=bare_words, label_words=words, label_ids=label_ids,
+                            prefix_ids=prefix_ids, suffix_ids=suffix_ids, max_input_tokens=config.max_input_tokens,
+                            truncation=config.truncation, instruction=instruction,
+                            prefix_text=prefix_text, suffix_text=suffix_text,
+                            body_prefix_ids=body if prefix_ids[len(prefix_ids) - len(body):] == body else prefix_ids)
+    return add_demonstrations(encoder, tokenizer, config, demonstrations_from, data_seed) if config.shots else encoder
+
+
+def add_demonstrations(encoder: PromptEncoder, tokenizer, config: PromptConfig, pool: list[Example] | None,
+                       data_seed: int) -> PromptEncoder:
+    """prompt.shots demonstrations: in the prefix (fixed) or per example (peftlab.prompts.shots)."""
+    from peftlab.prompts.shots import by_class, demonstration_ids, draw_demonstrations
+
+    if not pool:
+        raise PeftlabError(f"prompt.shots={config.shots} draws demonstrations from the training split, and there "
+                           "is none here; use prompt.shots=0")
+    groups = by_class(pool, encoder.classes)
+    if config.shots_mode == "fixed":
+        encoder.demonstrations = draw_demonstrations(groups, config.shots, data_seed)
+        demos = demonstration_ids(encoder, encoder.demonstrations, tokenizer)
+        encoder.prefix_ids = encoder.bos_ids + demos + encoder.body_prefix_ids
+        encoder.body_prefix_ids = demos + encoder.body_prefix_ids  # bos_ids stays what it was
+    else:
+        draw_demonstrations(groups, config.shots, data_seed, exclude="")  # too few examples: fail now, not later
+        encoder.demonstrations_for = lambda ex: demonstration_ids(
+            encoder, draw_demonstrations(groups, config.shots, data_seed, key=ex.id, exclude=ex.id), tokenizer)
+    return encoder
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:

@@ -6,7 +6,8 @@
     <out>/report.md        tables in the study's shape, the study's numbers beside them, plots linked
     <out>/report.html      the same, self-contained (plots inlined): open it in any browser
     <out>/tables/*.csv     each table as in the markdown; cells.csv: one row per cell with its cost
-    <out>/plots/*.png      accuracy vs N with 95% bands, heat maps, accuracy vs cost
+                           and calibration (nll, ece: 15 bins, brier, auroc; evaluate/calibration_metrics.py)
+    <out>/plots/*.png      accuracy vs N with 95% bands, heat maps, accuracy vs cost, reliability diagrams
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from peftlab.records import atomic_write_text
 from peftlab.report.tables import Table, build_tables, table_grid
 
 CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method", "n_train", "n_test", "seed",
-                "accuracy", "ci95_low", "ci95_high", "best_epoch", "train_s", "eval_s", "train_tokens",
-                "eval_tokens", "peak_memory_mb", "trainable_parameters", "attempts", "out"]
+                "accuracy", "ci95_low", "ci95_high", "nll", "ece", "brier", "auroc", "best_epoch", "train_s", "eval_s",
+                "train_tokens", "eval_tokens", "peak_memory_mb", "trainable_parameters", "attempts", "out"]
 
 
 def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = True) -> dict[str, Path]:
@@ -76,7 +77,8 @@ def cell_rows(tables: list[Table]) -> list[list]:
                          ";".join(f"{k}={v}" for k, v in (cell.params or {}).items()),
                          cfg.get("model", {}).get("name"), cfg.get("method", {}).get("method"),
                          r.get("n_train", cfg.get("data", {}).get("n_train")), r.get("n"),
-                         cfg.get("train", {}).get("seed"), r.get("accuracy"), ci[0], ci[1], r.get("best_epoch"),
+                         cfg.get("train", {}).get("seed"), r.get("accuracy"), ci[0], ci[1],
+                         r.get("nll"), r.get("ece"), r.get("brier"), r.get("auroc"), r.get("best_epoch"),
                          timings.get("train_s"), timings.get("eval_s"), r.get("train_tokens"), r.get("eval_tokens"),
                          r.get("peak_memory_mb"), r.get("trainable_parameters"), cell.attempts, cell.out])
     return rows

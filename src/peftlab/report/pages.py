@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from peftlab.records import atomic_write_text
+from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
 from peftlab.report.study import PREVIOUS_BEST
 from peftlab.report.tables import COST_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note, table_grid
 
@@ -67,7 +68,9 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
         if table.command:
             lines += [f"`{table.command}`", ""]
         header, rows = table_grid(table)
-        lines += [markdown_table(header, rows), ""]
+        lines += [markdown_table(header, rows), "", f"Scored with {decision_settings(table)}.", ""]
+        if (best := best_record(table)) is not None:
+            lines += [f"Confusion matrix of the best cell ({describe_cell(best)}):", "", *confusion_markdown(best), ""]
         if table.study:
             lines += [STUDY_NOTE, ""]
         lines += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots.get(table.name, [])]
@@ -133,6 +136,11 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
         header, rows = table_grid(table)
         study_cols = {j for j, h in enumerate(header) if "study" in h}
         parts.append(html_table(header, rows, study_cols))
+        parts.append(f'<p class="note">Scored with {html.escape(decision_settings(table))}.</p>')
+        if (best := best_record(table)) is not None:
+            labels, matrix = best["confusion"]["labels"], best["confusion"]["matrix"]
+            parts.append(f'<p class="note">Confusion matrix of the best cell ({html.escape(describe_cell(best))}):</p>'
+                         + html_table(["gold \\ predicted", *labels], [[lab, *row] for lab, row in zip(labels, matrix)]))
         if table.study:
             parts.append(f'<p class="note">{html.escape(STUDY_NOTE)}</p>')
         images = plots.get(table.name, [])

@@ -1,4 +1,5 @@
-"""Plots as PNG: accuracy against N with 95% bands, heat maps of the grids, accuracy against cost.
+"""Plots as PNG: accuracy against N with 95% bands, heat maps of the grids, accuracy against cost,
+reliability diagrams (from the per-bin counts each cell's record keeps; evaluate/calibration_metrics.py).
 
 matplotlib with the Agg backend (no display needed); one figure per file, closed after saving.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.experiments.grid import format_value, short_name
+from peftlab.report.confusion import best_record, confusion_heat_map
 from peftlab.report.tables import Table, row_label
 
 DPI = 110
@@ -41,6 +43,10 @@ def plot_tables(tables: list[Table], zero_shot: dict, folder: Path) -> dict[str,
             paths.append(heat_map(table, folder / f"{table.name}-heat-map.png"))
         elif table.col_key is None:
             paths.append(bars(table, folder / f"{table.name}-accuracy.png"))
+        if (best := best_record(table)) is not None:
+            paths.append(confusion_heat_map(table, best, folder / f"{table.name}-confusion.png"))
+        if any(r.get("reliability") for e in table.entries.values() for r in e.records):
+            paths.append(reliability_diagram(table, folder / f"{table.name}-reliability.png"))
         out[table.name] = paths
     return out
 
@@ -142,6 +148,55 @@ def bars(table: Table, path: Path) -> Path:
     ax.set_ylabel("test accuracy %")
     ax.set_title(_title(table), fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def pooled_bins(records: list[dict]) -> dict | None:
+    """The reliability bins of several runs (seeds) of one setting, pooled: counts added, means weighted."""
+    runs = [r["reliability"] for r in records if r.get("reliability")]
+    if not runs:
+        return None
+    n_bins = runs[0]["n_bins"]
+    count = [sum(b["count"][i] for b in runs) for i in range(n_bins)]
+
+    def mean(name, i):
+        return sum(b["count"][i] * b[name][i] for b in runs if b["count"][i]) / count[i] if count[i] else None
+
+    return {"n_bins": n_bins, "lower": runs[0]["lower"], "upper": runs[0]["upper"], "count": count,
+            "confidence": [mean("confidence", i) for i in range(n_bins)],
+            "accuracy": [mean("accuracy", i) for i in range(n_bins)]}
+
+
+def reliability_diagram(table: Table, path: Path, max_panels: int = 16) -> Path:
+    """One panel per setting: accuracy per confidence bin (bars) against the diagonal, counts as shading."""
+    plt = _pyplot()
+    settings = [(key, pooled_bins(e.records)) for key, e in table.entries.items() if e.records]
+    settings = [(key, b) for key, b in settings if b][:max_panels]
+    columns = min(4, len(settings))
+    rows = -(-len(settings) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.axis("off")
+    for ax, ((row, col), bins) in zip(axes.flat, settings):
+        width = 1 / bins["n_bins"]
+        total = sum(bins["count"]) or 1
+        filled = [i for i, c in enumerate(bins["count"]) if c]
+        ax.bar([bins["lower"][i] for i in filled], [bins["accuracy"][i] for i in filled], width, align="edge",
+               edgecolor="black", lw=0.5,
+               color=[(0.12, 0.47, 0.71, min(1.0, 0.25 + 3 * bins["count"][i] / total)) for i in filled])
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        ece = sum(bins["count"][i] / total * abs(bins["accuracy"][i] - bins["confidence"][i]) for i in filled)
+        name = row_label(table, row) + ("" if col is None else f", {short_name(table.col_key)}={format_value(col)}")
+        ax.set_title(f"{name}\nECE {100 * ece:.1f}%", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("confidence (top label)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy", fontsize=8)
+    fig.suptitle(f"{_title(table)}: reliability, {settings[0][1]['n_bins']} equal-width bins (darker: more "
+                 "examples)", fontsize=9)
     return _save(fig, path)
 
 

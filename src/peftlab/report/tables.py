@@ -163,7 +163,28 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
         if table.study:
             table.study_marks = overlap_marks(table.rows, table.cols, table.study_interval)
         tables.append(table)
+        tables += [t for t in [chosen_on_val(table)] if t is not None]
     return tables
+
+
+def chosen_on_val(table: Table) -> Table | None:
+    """The same cells at the epoch their validation split chooses, for runs that chose on test and also
+    scored a validation split every epoch (metrics "selected_on_val"): the selection gap, cell by cell."""
+    if not any(r.get("selected_on_val") for e in table.entries.values() for r in e.records):
+        return None
+    entries = {}
+    for place, entry in table.entries.items():
+        records = [dict(r, accuracy=r["selected_on_val"]["accuracy"], ci95=r["selected_on_val"]["ci95"],
+                        best_epoch=r["selected_on_val"]["epoch"], selected_on="val")
+                   for r in entry.records if r.get("selected_on_val")]
+        entries[place] = Entry(records=records, failed=entry.failed, unfinished=entry.unfinished,
+                               pending=entry.pending + len(entry.records) - len(records))
+    twin = Table(sweep=table.sweep, title=table.title + ", epoch chosen on the validation split",
+                 command=table.command, row_key=table.row_key, col_key=table.col_key,
+                 facet={**table.facet, "selected_on": "val"}, rows=table.rows, cols=table.cols, entries=entries,
+                 cells=table.cells, study=table.study, study_marks=table.study_marks)
+    twin.marks = overlap_marks(twin.rows, twin.cols, lambda r, c: twin.entries[(r, c)].interval())
+    return twin
 
 
 def _unique(values) -> list:
