@@ -56,7 +56,8 @@ def confusion_heat_map(table: Table, record: dict, path: Path) -> Path:
     labels, counts = record["confusion"]["labels"], np.array(record["confusion"]["matrix"], float)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 1.0 + 0.7 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    # Wide enough for the two-line title: on a 2-class matrix it ran into the colour bar's label.
+    fig, ax = plt.subplots(figsize=(max(size + 1.5, 5.5), size + 0.6))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(labels)):
         for j in range(len(labels)):
@@ -67,5 +68,5 @@ def confusion_heat_map(table: Table, record: dict, path: Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     fig.colorbar(image, ax=ax, label="share of the gold class", shrink=0.85)
-    ax.set_title(f"{_title(table)}\n{describe_cell(record)}", fontsize=8)
+    fig.suptitle(f"{_title(table)}\n{describe_cell(record)}", fontsize=8)
     return _save(fig, path)
