@@ -47,8 +47,8 @@ RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether t
 # every section (a run's config.yaml, a train YAML given to `plan`): a command takes from it the keys
 # it reads and ignores the rest.
 READS = {
-    "train": ("model", "data", "prompt", "method", "train", "eval", "track", "out"),
-    "eval": ("model", "data", "prompt", "eval", "track", "adapter", "out",
+    "train": ("model", "data", "prompt", "method", "train", "eval", "track", "out", "overwrite"),
+    "eval": ("model", "data", "prompt", "eval", "track", "adapter", "out", "overwrite",
              "train.strategy"),  # run_eval joins the process group with it
     "predict": ("model", "prompt", "eval", "adapter"),
     "plan": ("model", "method.method", "method.lora_r", "method.lora_dropout", "method.lora_target_modules",

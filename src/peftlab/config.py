@@ -242,6 +242,8 @@ class RunConfig:
     track: TrackConfig = field(default_factory=TrackConfig)
     adapter: str | None = opt(None, "a saved adapter folder to evaluate or predict with")
     out: str | None = opt(None, "output folder of the run (default: runs/<command>-<time>)")
+    overwrite: bool = opt(False, "run into an --out that holds a run already: the old run is moved aside to "
+                          "<out>.replaced-<n> (never deleted); without it such an --out is refused")
 
     def __post_init__(self):
         if self.eval.calibration == "val" and self.data.n_val == 0:  # issue 13: the prior needs data (None: all)

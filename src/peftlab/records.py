@@ -26,6 +26,7 @@ from peftlab.errors import DISK_FULL_ERRNOS, DiskFull, PeftlabError
 
 RECORD_FILE = "peftlab.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+TRACKER_FOLDERS = ("tensorboard", "wandb")  # peftlab.tracking writes these as a run starts
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,39 @@ class RunFolder:
     @classmethod
     def create(cls, out: str | Path) -> "RunFolder":
         return cls(prepare_out_dir(out))
+
+    @classmethod
+    def claim(cls, out: str | Path, resume: bool = False, overwrite: bool = False) -> "RunFolder":
+        """The folder for a new run (or the one `resume` continues): a folder holding a run already is
+        refused, never replaced silently; with `overwrite` the old run is moved aside, not deleted."""
+        folder = cls(Path(out).expanduser())
+        held = folder.held_run()
+        if resume and held is None:
+            raise PeftlabError(f"--resume: {folder.path} holds no run to resume (no config.yaml); check --out, "
+                               "or drop --resume to start a new run")
+        if held is not None and not resume:
+            if not overwrite:
+                raise PeftlabError(f"--out {folder.path} holds {held}; choose a new --out, add --resume to "
+                                   f"{'return' if held.startswith('a finished') else 'continue'} it, or "
+                                   "--overwrite to move it aside and start again")
+            aside = next(folder.path.with_name(f"{folder.path.name}.replaced-{n}") for n in range(1, 10**6)
+                         if not folder.path.with_name(f"{folder.path.name}.replaced-{n}").exists())
+            os.replace(folder.path, aside)
+        return cls.create(folder.path)
+
+    def held_run(self) -> str | None:
+        """What run the folder holds already, in words; None for a missing or empty folder.
+
+        Any other content counts too: a folder of someone else's files is not a run folder to write into.
+        """
+        # What trackers (peftlab.tracking) write into the folder as the run starts is part of the run.
+        if not self.path.is_dir() or all(p.name in TRACKER_FOLDERS for p in self.path.iterdir()):
+            return None
+        if self.metrics_file.is_file():
+            return "a finished run (metrics.json)"
+        if self.config_file.is_file():
+            return "an unfinished run (config.yaml, no metrics.json)"
+        return "files that are not a peftlab run"
 
     @property
     def config_file(self) -> Path:

@@ -91,7 +91,9 @@ def show_progress(progress: bool | None) -> bool:
 
 
 def default_out(command: str) -> Path:
-    return Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """runs/<command>-<time>, with -2, -3, ... where runs started in the same second took that name."""
+    base = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return next(p for p in (base, *(base.with_name(f"{base.name}-{n}") for n in range(2, 10**6))) if not p.exists())
 
 
 def load_task(config: RunConfig, tokenizer, n_train: int | None = None, splits: LabelledSplits | None = None) -> Task:
@@ -118,7 +120,9 @@ def open_run(config: RunConfig, command: str, model, tokenizer, progress: bool |
     data mistakes fail in seconds), config.yaml, the base model and the prompt encoder."""
     start, progress = time.perf_counter(), show_progress(progress)
     cluster = join_cluster(config.model, config.train.strategy)  # one process unless launched on several
-    folder = RunFolder.create(config.out or default_out(command)) if cluster.is_main else None
+    resume = command == "train" and config.train.resume
+    folder = (RunFolder.claim(config.out or default_out(command), resume, config.overwrite) if cluster.is_main
+              else None)
     splits = load_splits(config.data)
     samples = sample_task(config, splits, n_train)
     if folder is not None:

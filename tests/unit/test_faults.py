@@ -151,7 +151,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_mode
 
 def test_a_full_disk_while_writing_results_keeps_the_earlier_run(tiny_model_dir, imdb_dir, tmp_path, monkeypatch,
                                                                  capsys):
-    # A finished eval run, then a second eval into the same folder on a disk that fills up.
+    # A finished eval run, then a second eval replacing it (--overwrite) on a disk that fills up.
     out = tmp_path / "eval"
     args = ["eval", "--model", str(tiny_model_dir), "--dtype", "fp32", "--data", str(imdb_dir), "--n-test", "4",
             "--out", str(out), "--quiet"]
@@ -159,13 +159,12 @@ def test_a_full_disk_while_writing_results_keeps_the_earlier_run(tiny_model_dir,
     capsys.readouterr()
     before = snapshot(out)
     fill_disk_on(monkeypatch, "predictions.jsonl")
-    assert main(args[:-3] + ["--n-test", "6"] + args[-3:]) == 2
+    assert main(args[:-3] + ["--n-test", "6", "--overwrite"] + args[-3:]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("peftlab: error: disk full while writing") and "predictions.jsonl" in err and "\n" not in err
-    after = snapshot(out)
-    assert {k: v for k, v in after.items() if k != "config.yaml"} == {k: v for k, v in before.items()
-                                                                       if k != "config.yaml"}
-    assert json.loads((out / "metrics.json").read_text())["n"] == 4
+    assert snapshot(tmp_path / "eval.replaced-1") == before  # the earlier run, every file as it was
+    assert json.loads((tmp_path / "eval.replaced-1" / "metrics.json").read_text())["n"] == 4
+    assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").exists()
 
 
 def test_a_full_disk_while_saving_the_adapter_loses_no_training(tiny_model_dir, imdb_dir, tmp_path, monkeypatch):

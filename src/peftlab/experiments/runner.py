@@ -21,8 +21,10 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,6 +32,7 @@ import torch
 from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
+from peftlab.records import RunFolder
 from peftlab.tracking import group_sweep
 
 
@@ -85,7 +88,13 @@ def run_cell(cell: Cell, model, tokenizer, progress: bool | None) -> dict:
     """Zero-shot evaluation for n_train=0, else training; returns the run's metrics record."""
     from peftlab.tracking import run_tracked
 
-    return run_tracked("train" if cell.trains else "eval", cell.config, model, tokenizer, progress=progress)
+    config = cell.config
+    if cell.trains and config.train.resume and RunFolder(Path(config.out)).held_run() is None:
+        # `sweep --resume` means "continue what can be continued": cells stand at different stages, so a cell
+        # with nothing to resume is a notice and starts from the beginning (a single run's --resume is an error).
+        print(f"  nothing to resume for {cell.key}: it starts from the beginning", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, resume=False))
+    return run_tracked("train" if cell.trains else "eval", config, model, tokenizer, progress=progress)
 
 
 def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: SweepOutcome) -> list[Cell]:
