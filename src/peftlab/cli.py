@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
+from peftlab.train.preemption import EXIT_PREEMPTED, Preempted
 
 COMMANDS = {
     "eval": "zero-shot evaluation of a model (or of --adapter) on the test subset",
@@ -446,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except PeftlabError as exc:
         print(f"peftlab: error: {' '.join(str(exc).split(chr(10)))}", file=sys.stderr)  # one line, always
         return 2
+    except Preempted as stopped:  # SIGTERM or a first Ctrl-C during training (peftlab.train.preemption)
+        print(f"peftlab: interrupted: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("peftlab: interrupted; finished results are kept", file=sys.stderr)
         return 130

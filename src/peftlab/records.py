@@ -68,6 +68,8 @@ class RunFolder:
             return None
         if self.metrics_file.is_file():
             return "a finished run (metrics.json)"
+        if self.interrupted_file.is_file():
+            return "a run interrupted by a signal (interrupted.json)"
         if self.config_file.is_file():
             return "an unfinished run (config.yaml, no metrics.json)"
         return "files that are not a peftlab run"
@@ -97,11 +99,20 @@ class RunFolder:
         header = f"# peftlab {command} --config config.yaml   (or: peftlab rerun <this folder>)\n"
         atomic_write_text(self.config_file, header + config_yaml)
 
+    @property
+    def interrupted_file(self) -> Path:
+        return self.path / "interrupted.json"
+
+    def mark_interrupted(self, info: dict) -> None:
+        """Say that the run stopped on a signal with its checkpoint saved (train.preemption)."""
+        write_json(self.interrupted_file, info)
+
     def finish(self, metrics: dict, predictions: list[dict]) -> None:
         """Predictions, then metrics.json (last: it marks the run finished), then drop the checkpoint."""
         write_jsonl(self.predictions_file, predictions)
         write_json(self.metrics_file, metrics)
         shutil.rmtree(self.checkpoint, ignore_errors=True)  # a finished run needs none
+        self.interrupted_file.unlink(missing_ok=True)
 
     def finished_metrics(self) -> dict | None:
         """metrics.json of a finished run in this folder; None if there is none (or it is damaged)."""

@@ -40,6 +40,7 @@ from peftlab.records import RunFolder, read_adapter_record
 from peftlab.repro import git_commit, hardware, peak_memory_mb, set_seed, versions
 from peftlab.train.checkpoint import Checkpoints, load_trainable
 from peftlab.train.loop import EpochRecord, Objective, fit
+from peftlab.train.preemption import Preempted, stop_requests
 from peftlab.train.selection import BestEpoch, selected_on_val
 
 
@@ -226,11 +227,17 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
     if run.progress:
         print(plan_line(run, peft_model, objective), file=sys.stderr, flush=True)
     try:
-        with resource_errors("training", memory_fix(config, training=True)):
+        with resource_errors("training", memory_fix(config, training=True)), stop_requests() as stop:
             history = fit(peft_model, objective, config.train,
                           epoch_evaluator(run, peft_model, best, params, on_epoch), run.progress,
-                          None if run.cluster.distributed else checkpoints, cluster=run.cluster, on_step=on_step)
+                          None if run.cluster.distributed else checkpoints, cluster=run.cluster, on_step=on_step,
+                          stop=stop)
         metrics, predictions, adapter_sha256 = chosen_result(run, peft_model, best, params)
+    except Preempted as stopped:
+        if run.folder is not None:
+            run.folder.mark_interrupted({"signal": stopped.signal_name, "epoch": stopped.epoch,
+                                         "optimizer_step": stopped.step, "resume": "--resume"})
+        raise
     finally:
         if run.cluster.strategy != "fsdp":  # a sharded model stays sharded: its process ends with the run
             detach_method(peft_model)  # the caller's base model comes back untouched, e.g. for the next cell

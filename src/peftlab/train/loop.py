@@ -22,6 +22,7 @@ from peftlab.errors import PeftlabError
 from peftlab.evaluate.scoring import Row, example_length, example_scores, prefix_cache, shareable_prefix
 from peftlab.models.methods import position_offset
 from peftlab.train.checkpoint import Checkpoints, Position
+from peftlab.train.preemption import Preempted, StopRequest
 
 
 class TrainingDiverged(PeftlabError):
@@ -122,8 +123,8 @@ def training_prefix(model, rows: list[list[Row]], offset: int, config: TrainConf
 
 def fit(model, objective: Objective, config: TrainConfig, on_epoch_end: Callable[[EpochRecord], dict] | None = None,
         progress: bool = True, checkpoints: Checkpoints | None = None, cluster: Cluster = SINGLE,
-        share_prefix: bool = True, on_step: Callable[[int, float, float], None] | None = None
-        ) -> list[EpochRecord]:
+        share_prefix: bool = True, on_step: Callable[[int, float, float], None] | None = None,
+        stop: StopRequest | None = None) -> list[EpochRecord]:
     """Train the trainable parameters of `model` on `objective`; evaluate through `on_epoch_end` after each epoch.
 
     With `checkpoints`, the whole state is saved every `checkpoint_every` optimiser steps and after
@@ -133,6 +134,8 @@ def fit(model, objective: Objective, config: TrainConfig, on_epoch_end: Callable
     prompt prefix all rows share is computed once per batch where that is exact (`training_prefix`).
     `on_step(optimizer_step, loss, lr)` is called after each optimiser step with the mean loss of the
     examples since the last call (read only where the loop reads it anyway: every batch on a CPU).
+    With `stop` (train.preemption), a signal ends training after the current optimiser step or epoch end,
+    with a checkpoint saved, by raising Preempted.
     """
     from tqdm.auto import tqdm
 
@@ -194,10 +197,13 @@ def fit(model, objective: Objective, config: TrainConfig, on_epoch_end: Callable
                     on_step(pos.optimizer_steps, (pos.loss_sum - logged[0]) / max(pos.seen - logged[1], 1), lr)
                     logged = (pos.loss_sum, pos.seen)
                 # Only between optimiser steps: accumulated gradients are not part of a checkpoint.
-                if checkpoints is not None and checkpoints.due(pos) and step < len(batches):
+                stopping = stop is not None and stop.signal is not None and step < len(batches)
+                if checkpoints is not None and (checkpoints.due(pos) or stopping) and step < len(batches):
                     checked = check_loss(pending, pos, checked, step, epoch, config.lr)
                     pos.seconds = time.perf_counter() - start
                     checkpoints.save(pos, params, optimizer, scheduler)
+                if stopping:
+                    raise Preempted(stop.signal, epoch, pos.optimizer_steps)
         bar.close()
         loss_sum, seen, tokens = cluster.sum(pos.loss_sum, pos.seen, pos.tokens)  # over all processes
         record = EpochRecord(epoch=epoch, loss=loss_sum / max(seen, 1), seconds=pos.seconds, tokens=int(tokens))
@@ -208,4 +214,6 @@ def fit(model, objective: Objective, config: TrainConfig, on_epoch_end: Callable
                        history=[asdict(h) for h in history])
         if checkpoints is not None:
             checkpoints.save(pos, params, optimizer, scheduler)
+        if stop is not None and stop.signal is not None and epoch < config.epochs:
+            raise Preempted(stop.signal, epoch + 1, pos.optimizer_steps)
     return history

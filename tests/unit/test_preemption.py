@@ -1,0 +1,61 @@
+"""Graceful preemption: SIGTERM ends training after the step with a checkpoint, a distinct exit status, and a
+run marked interrupted; --resume then ends as the unbroken run (issue 14)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peftlab.config import build_config
+from peftlab.records import sha256_file
+from peftlab.runs import run_train
+from peftlab.train.preemption import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FLAGS = ["--dtype", "fp32", "--n-train", "16", "--n-test", "8", "--max-input-tokens", "32", "--epochs", "2",
+         "--batch-size", "2", "--lr", "1e-2", "--lora-dropout", "0.1", "--checkpoint-every", "100",
+         "--select-on", "test"]
+
+
+def outcome(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"accuracy": metrics["accuracy"], "per_epoch": [(e["accuracy"], e["train_loss"]) for e in metrics["per_epoch"]],
+            "adapter": sha256_file(out / "adapter" / "adapter_model.safetensors"),
+            "predictions": (out / "predictions.jsonl").read_text()}
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_equals_the_unbroken_run(tiny_model_dir, imdb_dir, tmp_path):
+    values = {"model.name": str(tiny_model_dir), "data.source": str(imdb_dir), "model.dtype": "fp32",
+              "data.n_train": 16, "data.n_test": 8, "prompt.max_input_tokens": 32, "train.epochs": 2,
+              "train.batch_size": 2, "train.lr": 1e-2, "method.lora_dropout": 0.1, "train.checkpoint_every": 100,
+              "train.select_on": "test"}
+    run_train(build_config(values, {"out": str(tmp_path / "unbroken")}))
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "peftlab", "train", "--model", str(tiny_model_dir), "--data", str(imdb_dir), *FLAGS,
+            "--out", str(out), "--quiet"]
+    env = dict(os.environ, PEFTLAB_PROGRESS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # With checkpoints every 100 steps, the first checkpoint is the one at the end of epoch 1: SIGTERM then
+    # lands in epoch 2 (8 steps long), and only the signal can make a checkpoint inside it.
+    state_file, deadline = out / "checkpoint" / "state.json", time.monotonic() + 180
+    while not state_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err.strip().count("\n") == 0 and "stopped by SIGTERM" in err and "--resume" in err
+    interrupted = json.loads((out / "interrupted.json").read_text())
+    position = json.loads(state_file.read_text())["position"]
+    assert interrupted["signal"] == "SIGTERM" and not (out / "metrics.json").exists()
+    if interrupted["epoch"] == 2:  # stopped inside epoch 2: the checkpoint is of that very step
+        assert (position["epoch"], position["optimizer_steps"]) == (2, interrupted["optimizer_step"])
+        assert 0 < position["batch"] < 8
+    metrics = run_train(build_config(values, {"out": str(out), "train.resume": True}))
+    assert outcome(out) == outcome(tmp_path / "unbroken")
+    assert not (out / "interrupted.json").exists() and metrics["resumed_from"] is not None
