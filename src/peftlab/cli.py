@@ -50,7 +50,8 @@ RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether t
 READS = {
     "train": ("model", "data", "prompt", "method", "train", "eval", "track", "out", "overwrite"),
     "eval": ("model", "data", "prompt", "eval", "track", "adapter", "out", "overwrite",
-             "train.strategy"),  # run_eval joins the process group with it
+             "train.strategy",  # run_eval joins the process group with it
+             "train.resume"),   # a killed evaluation continues from its journalled scores
     "predict": ("model", "prompt", "eval", "adapter"),
     "plan": ("model", "method.method", "method.lora_r", "method.lora_dropout", "method.lora_target_modules",
              "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",

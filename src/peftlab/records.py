@@ -103,6 +103,10 @@ class RunFolder:
     def interrupted_file(self) -> Path:
         return self.path / "interrupted.json"
 
+    def journal_file(self, desc: str) -> Path:
+        """Where the scores of a cut-off evaluation are kept for --resume (ScoreJournal)."""
+        return self.path / f"scores-{safe_name(desc)}.partial.jsonl"
+
     def mark_interrupted(self, info: dict) -> None:
         """Say that the run stopped on a signal with its checkpoint saved (train.preemption)."""
         write_json(self.interrupted_file, info)
@@ -113,6 +117,8 @@ class RunFolder:
         write_json(self.metrics_file, metrics)
         shutil.rmtree(self.checkpoint, ignore_errors=True)  # a finished run needs none
         self.interrupted_file.unlink(missing_ok=True)
+        for journal in self.path.glob("scores-*.partial.jsonl"):  # their scores are in predictions.jsonl now
+            journal.unlink()
 
     def finished_metrics(self) -> dict | None:
         """metrics.json of a finished run in this folder; None if there is none (or it is damaged)."""
@@ -281,3 +287,48 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class ScoreJournal:
+    """The scores of an evaluation's finished batches, appended as they come, so a killed evaluation
+    continues where it stopped (`--resume`) instead of starting over.
+
+    One JSON line per batch ({"ids": [...], "scores": [[...], ...]}) after a header line holding the
+    evaluation's fingerprint (what was scored, with which weights); each line is flushed and fsync'd. A
+    torn last line (a kill mid-write) is ignored, and a journal of another evaluation is discarded.
+    float32 scores survive the round trip through JSON exactly, so a resumed evaluation is bitwise equal.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, resume: bool):
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.known: dict[str, list[float]] = self._read() if resume else {}
+        if not self.known:
+            atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
+
+    def _read(self) -> dict[str, list[float]]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return {}
+        try:
+            if not lines or json.loads(lines[0]).get("fingerprint") != self.fingerprint:
+                return {}
+        except json.JSONDecodeError:
+            return {}
+        known = {}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the line a kill cut off: everything before it is whole
+            known.update(zip(entry["ids"], entry["scores"]))
+        return known
+
+    def append(self, ids: list[str], scores: list[list[float]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"ids": ids, "scores": scores}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ A preloaded `(model, tokenizer)` can be passed in, so that a sweep loads its bas
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -22,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from peftlab.config import RunConfig, dump_yaml, identity_differences
+from peftlab.config import RunConfig, dump_yaml, identity, identity_differences
 from peftlab.data import LabelledSplits, load_splits, select_splits
 from peftlab.data.sampling import Samples
 from peftlab.data.examples import Example, replace_lone_surrogates
@@ -36,7 +37,7 @@ from peftlab.models import attach_method, load_adapter, load_base_model, positio
 from peftlab.models.loading import resolve_model_source
 from peftlab.models.methods import detach_method, enable_gradient_checkpointing, peft_type_name, prompt_init_ids
 from peftlab.prompts import PromptEncoder, build_prompt_encoder
-from peftlab.records import RunFolder, read_adapter_record
+from peftlab.records import ADAPTER_FILE, RunFolder, ScoreJournal, read_adapter_record, sha256_file
 from peftlab.repro import git_commit, hardware, peak_memory_mb, set_seed, versions
 from peftlab.train.checkpoint import Checkpoints, load_trainable
 from peftlab.train.loop import EpochRecord, Objective, fit
@@ -69,14 +70,29 @@ class Run:
     progress: bool
     start: float
 
-    def evaluate(self, model, examples: list[Example], desc: str) -> tuple[dict, list[dict]]:
+    def evaluate(self, model, examples: list[Example], desc: str, journalled: bool = False
+                 ) -> tuple[dict, list[dict]]:
+        """Score `examples`; `journalled`: keep finished batches in the run folder for a resumed run."""
+        journal = self.journal(model, examples, desc) if journalled and self.folder is not None else None
         with resource_errors("evaluating", memory_fix(self.config, training=False)):
             offsets = fit_validation_prior(model, self.tokenizer, self.task.encoder, self.task.val,  # issue 13 hook
                                            self.config.eval) if self.config.eval.calibration == "val" else None
             metrics, predictions, _ = evaluate_examples(model, self.tokenizer, self.task.encoder, examples,
                                                         self.config, progress=self.progress, desc=desc,
-                                                        cluster=self.cluster, val_offsets=offsets)
+                                                        cluster=self.cluster, val_offsets=offsets, journal=journal)
         return metrics, predictions
+
+    def journal(self, model, examples: list[Example], desc: str) -> ScoreJournal:
+        """The journal of this evaluation: reused by --resume only if the same examples are scored by the
+        same run with the same weights (the trainable ones, or the adapter file evaluated)."""
+        digest = hashlib.sha256(json.dumps([desc, [e.id for e in examples], identity(self.config)],
+                                           default=str).encode("utf-8", "surrogatepass"))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                digest.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+        if self.config.adapter:
+            digest.update(sha256_file(Path(self.config.adapter) / ADAPTER_FILE).encode())
+        return ScoreJournal(self.folder.journal_file(desc), digest.hexdigest(), resume=self.config.train.resume)
 
     def finish(self, metrics: dict, predictions: list[dict]) -> dict:
         """Write predictions and metrics (rank 0), and return the metrics with the run folder in them."""
@@ -121,7 +137,7 @@ def open_run(config: RunConfig, command: str, model, tokenizer, progress: bool |
     data mistakes fail in seconds), config.yaml, the base model and the prompt encoder."""
     start, progress = time.perf_counter(), show_progress(progress)
     cluster = join_cluster(config.model, config.train.strategy)  # one process unless launched on several
-    resume = command == "train" and config.train.resume
+    resume = config.train.resume
     folder = (RunFolder.claim(config.out or default_out(command), resume, config.overwrite) if cluster.is_main
               else None)
     splits = load_splits(config.data)
@@ -136,16 +152,22 @@ def open_run(config: RunConfig, command: str, model, tokenizer, progress: bool |
 
 def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[Example], config: RunConfig,
                       progress: bool = True, desc: str = "evaluating", cluster: Cluster = SINGLE,
-                      val_offsets=None) -> tuple[dict, list[dict], ScoreResult]:
+                      val_offsets=None, journal=None) -> tuple[dict, list[dict], ScoreResult]:
     """Score the examples and return (metrics, predictions, raw scores); with several processes each
-    scores its share and all receive all scores (peftlab.distributed)."""
+    scores its share and all receive all scores (peftlab.distributed). With a `journal`
+    (records.ScoreJournal; one process), finished batches are kept and reused by a resumed evaluation."""
     encoded = encoder.encode(examples, tokenizer)
     rows = build_rows(encoded, encoder.label_ids)
     n_classes, offset = len(encoder.classes), position_offset(model)
-    result = cluster.score(lambda part, max_examples, max_tokens: score_examples(
-        model, part, n_classes, tokenizer.pad_token_id, offset, max_examples, max_tokens, progress, desc),
-        rows, [sum(len(row.seq) + offset for row in r) for r in rows], n_classes, config.eval.eval_batch_size,
-        config.eval.max_batch_tokens)
+    if journal is not None and not cluster.distributed:
+        result = score_examples(model, rows, n_classes, tokenizer.pad_token_id, offset, config.eval.eval_batch_size,
+                                config.eval.max_batch_tokens, progress, desc, journal=journal,
+                                ids=[e.id for e in encoded])
+    else:
+        result = cluster.score(lambda part, max_examples, max_tokens: score_examples(
+            model, part, n_classes, tokenizer.pad_token_id, offset, max_examples, max_tokens, progress, desc),
+            rows, [sum(len(row.seq) + offset for row in r) for r in rows], n_classes, config.eval.eval_batch_size,
+            config.eval.max_batch_tokens)
     decided, decision = decide(result.scores, encoder, config.eval, lambda more: score_examples(  # issue 13 hook
         model, more, n_classes, tokenizer.pad_token_id, offset, progress=False).scores, tokenizer, val_offsets)
     preds = decided.argmax(dim=1).tolist()
@@ -189,7 +211,7 @@ def run_eval(config: RunConfig, model=None, tokenizer=None, progress: bool | Non
     model = load_adapter(run.model, config.adapter) if config.adapter else run.model
     model = run.cluster.prepare_model(model)
     load_s = time.perf_counter() - run.start
-    metrics, predictions = run.evaluate(model, run.task.test, "evaluating")
+    metrics, predictions = run.evaluate(model, run.task.test, "evaluating", journalled=True)
     metrics.update(run_record(config, run.task.encoder, model), command="eval", adapter=config.adapter,
                    evaluated_on="test", timings={"load_s": load_s, "eval_s": metrics["eval_seconds"],
                                                  "total_s": time.perf_counter() - run.start},
@@ -339,7 +361,7 @@ def chosen_result(run: Run, peft_model, best: BestEpoch, params: dict) -> tuple[
         return dict(best.record["test"], evaluated_on="test"), best.predictions, sha
     if not run.config.train.score_test:  # validation only (tune trials): the test subset is never looked at
         return dict(best.record["val"], evaluated_on="val"), [], sha
-    metrics, predictions = run.evaluate(peft_model, run.task.test, "test")
+    metrics, predictions = run.evaluate(peft_model, run.task.test, "test", journalled=True)
     return dict(metrics, evaluated_on="test"), predictions, sha
 
 

@@ -141,7 +141,7 @@ def test_the_installed_entry_point_runs(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--lr", "1"], "peftlab eval does not use --lr (train.lr); it is a `peftlab train` option"),
-    (["eval", "--resume"], "peftlab eval does not use --resume (train.resume); it is a `peftlab train` option"),
+    (["eval", "--epochs", "2"], "peftlab eval does not use --epochs (train.epochs); it is a `peftlab train` option"),
     (["eval", "--n-train=4"], "peftlab eval does not use --n-train (data.n_train); it is a `peftlab train` or "
                               "`peftlab plan` option"),
     (["train", "--adapter", "x"], "peftlab train does not use --adapter (adapter); it is a `peftlab eval`, "
@@ -170,7 +170,7 @@ def test_each_command_offers_the_flags_it_reads(capsys):
     train, evaluate, predict, plan = (flags(c) for c in ("train", "eval", "predict", "plan"))
     assert {"--lr", "--resume", "--n-train", "--lora-r", "--n-test", "--out"} <= train and "--adapter" not in train
     assert {"--adapter", "--n-test", "--data", "--out", "--strategy"} <= evaluate
-    assert not {"--lr", "--resume", "--n-train", "--lora-r", "--epochs"} & evaluate
+    assert not {"--lr", "--n-train", "--lora-r", "--epochs"} & evaluate and "--resume" in evaluate
     assert {"--adapter", "--model", "--template", "--eval-batch-size", "--file"} <= predict
     assert not {"--data", "--n-test", "--out", "--lr"} & predict
     assert {"--lora-r", "--batch-size", "--n-train", "--max-input-tokens", "--seq-len"} <= plan

@@ -59,3 +59,74 @@ def test_sigterm_checkpoints_exits_75_and_resume_equals_the_unbroken_run(tiny_mo
     metrics = run_train(build_config(values, {"out": str(out), "train.resume": True}))
     assert outcome(out) == outcome(tmp_path / "unbroken")
     assert not (out / "interrupted.json").exists() and metrics["resumed_from"] is not None
+
+
+@pytest.mark.parametrize("kill_after_batches", [1, 3, 5])
+def test_a_killed_evaluation_resumes_from_its_journal_to_the_unbroken_result(tiny_model_dir, imdb_dir, tmp_path,
+                                                                             kill_after_batches):
+    """SIGKILL once the journal holds k finished batches; --resume scores only the rest, bitwise equal."""
+    args = ["eval", "--model", str(tiny_model_dir), "--data", str(imdb_dir), "--dtype", "fp32", "--n-test", "24",
+            "--max-input-tokens", "32", "--eval-batch-size", "2", "--quiet"]
+    env = dict(os.environ, PEFTLAB_PROGRESS="0", OMP_NUM_THREADS="1")
+    unbroken = tmp_path / "unbroken"
+    subprocess.run([sys.executable, "-m", "peftlab", *args, "--out", str(unbroken)], env=env, check=True)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journal, deadline = out / "scores-evaluating.partial.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(journal.read_text().splitlines()) >= 1 + kill_after_batches:
+                proc.send_signal(signal.SIGKILL)
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the evaluation ended before it could be killed"
+    kept = len(journal.read_text().splitlines()) - 1
+    assert kept >= kill_after_batches and not (out / "metrics.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "peftlab", *args, "--out", str(out), "--resume"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "predictions.jsonl").read_text() == (unbroken / "predictions.jsonl").read_text()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out, unbroken))
+    timing = {"eval_seconds", "eval_tokens_per_s", "timings", "out", "peak_memory_mb", "hardware", "config"}
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert not journal.exists()  # a finished run keeps its scores in predictions.jsonl only
+
+
+def test_a_resumed_evaluation_scores_only_the_batches_its_journal_lacks(tiny_model_dir, imdb_dir, tmp_path,
+                                                                        monkeypatch):
+    import peftlab.evaluate.scoring as scoring
+    from peftlab.runs import run_eval
+
+    values = {"model.name": str(tiny_model_dir), "data.source": str(imdb_dir), "model.dtype": "fp32",
+              "data.n_test": 24, "prompt.max_input_tokens": 32, "eval.eval_batch_size": 2}
+    unbroken = run_eval(build_config(values, {"out": str(tmp_path / "unbroken")}))
+    real, calls = scoring.example_scores, {"n": 0, "die_at": 4}
+
+    class Killed(BaseException):
+        pass
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "example_scores", counted)
+    with pytest.raises(Killed):
+        run_eval(build_config(values, {"out": str(tmp_path / "run")}))
+    calls.update(n=0, die_at=-1)
+    resumed = run_eval(build_config(values, {"out": str(tmp_path / "run"), "train.resume": True}))
+    assert calls["n"] == 12 - 3  # 24 examples in batches of 2; 3 batches were journalled before the kill
+    assert (tmp_path / "run" / "predictions.jsonl").read_text() == (tmp_path / "unbroken" / "predictions.jsonl").read_text()
+    assert resumed["accuracy"] == unbroken["accuracy"]
+    # A journal of another evaluation (here: other examples) is not used.
+    calls.update(n=0, die_at=4)
+    with pytest.raises(Killed):
+        run_eval(build_config(values, {"out": str(tmp_path / "other")}))
+    calls.update(n=0, die_at=-1)
+    run_eval(build_config(values, {"out": str(tmp_path / "other"), "train.resume": True, "data.data_seed": 1}))
+    assert calls["n"] == 12
