@@ -130,3 +130,37 @@ def test_a_resumed_evaluation_scores_only_the_batches_its_journal_lacks(tiny_mod
     calls.update(n=0, die_at=-1)
     run_eval(build_config(values, {"out": str(tmp_path / "other"), "train.resume": True, "data.data_seed": 1}))
     assert calls["n"] == 12
+
+
+def test_sigterm_stops_a_sweep_marks_its_cell_interrupted_and_resume_finishes_it(tiny_model_dir, imdb_dir, tmp_path):
+    import yaml
+
+    from peftlab.experiments.store import ResultsStore
+    from peftlab.report.tables import build_tables
+
+    config = {"model": {"name": str(tiny_model_dir), "dtype": "fp32"},
+              "data": {"source": str(imdb_dir), "n_test": 8}, "prompt": {"max_input_tokens": 32},
+              "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "select_on": "test"},
+              "grid": {"data.n_train": [16, 12]}}
+    path, store = tmp_path / "s.yaml", tmp_path / "s.sqlite"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "peftlab", "sweep", str(path), "--store", str(store), "--out", str(tmp_path / "cells"),
+            "--quiet"]
+    env = dict(os.environ, PEFTLAB_PROGRESS="0", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not list(tmp_path.glob("cells/*/checkpoint/state.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err.decode()
+    with ResultsStore(store) as reader:
+        [cell] = [c for c in reader.cells() if c.status != "pending"]
+        assert cell.status == "running" and cell.reason.startswith("interrupted: stopped by SIGTERM")
+        texts = [e.text() for t in build_tables(reader) for e in t.entries.values()]
+    assert "interrupted" in texts and "not run" in texts  # the report says so
+    done = subprocess.run(argv + ["--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with ResultsStore(store) as reader:
+        cells = reader.cells()
+    assert [c.status for c in cells] == ["finished", "finished"] and cells[0].record["resumed_from"] is not None

@@ -33,7 +33,11 @@ from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import RunFolder
+from peftlab.train.preemption import Preempted
 from peftlab.tracking import group_sweep
+
+
+INTERRUPTED = "interrupted"  # the reason of a running cell stopped by a signal starts so (store.interrupt)
 
 
 class BaseModelChanged(RuntimeError):
@@ -139,7 +143,11 @@ def run_sweep(sweep: Sweep, store: ResultsStore, progress: bool | None = None, r
         for cell in todo:
             log(f"{position[cell.key]} {cell.label()} ({cell.key})")
             store.start(cell.key, cell.config.to_dict(), cell.config.out)
-            settle(store, cell, executor.execute(cell), outcome, log)  # a bug raises: the cell stays running
+            try:
+                settle(store, cell, executor.execute(cell), outcome, log)  # a bug raises: the cell stays running
+            except Preempted as stopped:  # SIGTERM: the cell's checkpoint is saved; the sweep stops here
+                store.interrupt(cell.key, f"{INTERRUPTED}: {stopped}")
+                raise
     finally:
         executor.release()
     return outcome

@@ -192,6 +192,13 @@ class ResultsStore:
                 "started_at=excluded.started_at, finished_at=NULL, host=excluded.host, pid=excluded.pid",
                 (key, _dumps(config), out, time.time(), socket.gethostname(), os.getpid()))
 
+    def interrupt(self, key: str, reason: str) -> None:
+        """A running cell stopped on a signal with its checkpoint saved: it stays `running` (the next sweep
+        redoes it, from that checkpoint with --resume) and keeps why, so that reports say "interrupted"."""
+        self._check_writer()
+        with self.transaction():
+            self.conn.execute("UPDATE cells SET reason=? WHERE key=? AND status='running'", (reason, key))
+
     def finish(self, key: str, record: dict) -> None:
         self._end(key, "finished", None, record)
 

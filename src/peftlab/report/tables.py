@@ -36,6 +36,7 @@ class Entry:
     records: list[dict] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     unfinished: int = 0
+    interrupted: int = 0  # running cells stopped by a signal (SIGTERM), to be resumed
     pending: int = 0     # cells of the grid that no run has started
 
     @property
@@ -62,7 +63,8 @@ class Entry:
 
     def text(self) -> str:
         if not self.records:
-            return "failed" if self.failed else "running" if self.unfinished else "not run" if self.pending else "—"
+            return ("failed" if self.failed else "running" if self.unfinished else "interrupted" if self.interrupted
+                    else "not run" if self.pending else "—")
         if len(self.records) == 1:
             epochs = self.best_epochs
             out = f"{self.accuracy:.2f}" + (f" ({epochs[0]})" if epochs else "")
@@ -149,6 +151,8 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
                 entry.failed.append(cell.reason or "")
             elif cell.status == "pending":
                 entry.pending += 1
+            elif (cell.reason or "").startswith("interrupted"):
+                entry.interrupted += 1
             else:
                 entry.unfinished += 1
         table = Table(sweep=sweep.name, title=spec.title or sweep.name, command=sweep.command, row_key=row_key,
@@ -178,7 +182,7 @@ def chosen_on_val(table: Table) -> Table | None:
                         best_epoch=r["selected_on_val"]["epoch"], selected_on="val")
                    for r in entry.records if r.get("selected_on_val")]
         entries[place] = Entry(records=records, failed=entry.failed, unfinished=entry.unfinished,
-                               pending=entry.pending + len(entry.records) - len(records))
+                               interrupted=entry.interrupted, pending=entry.pending + len(entry.records) - len(records))
     twin = Table(sweep=table.sweep, title=table.title + ", epoch chosen on the validation split",
                  command=table.command, row_key=table.row_key, col_key=table.col_key,
                  facet={**table.facet, "selected_on": "val"}, rows=table.rows, cols=table.cols, entries=entries,
