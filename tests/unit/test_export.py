@@ -14,12 +14,7 @@ from peftlab.runs import predict, run_train
 TEXTS = ["a wonderful film , great acting", "terrible , boring and bad", "it was fine i guess", "awful awful"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(tiny_model_dir, imdb_dir, out, method="lora"):
