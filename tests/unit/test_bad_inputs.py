@@ -334,6 +334,17 @@ def _(tmp, ctx):
         (folder / "peftlab.json").write_text("{truncated")
 
 
+@setup("out-holds-finished-run", "out-holds-unfinished-run", "out-holds-other-files")
+def _(tmp, ctx):
+    (tmp / "out").mkdir()
+    if ctx["id"] == "out-holds-other-files":
+        (tmp / "out" / "notes.txt").write_text("not a run")
+        return
+    (tmp / "out" / "config.yaml").write_text("# peftlab eval --config config.yaml\n")
+    if ctx["id"] == "out-holds-finished-run":
+        (tmp / "out" / "metrics.json").write_text("{}")
+
+
 @setup("resume-checkpoint-of-another-run", "resume-damaged-checkpoint")
 def _(tmp, ctx):
     from safetensors.torch import save_file
