@@ -93,7 +93,7 @@ def run_cell(cell: Cell, model, tokenizer, progress: bool | None) -> dict:
     from peftlab.tracking import run_tracked
 
     config = cell.config
-    if cell.trains and config.train.resume and RunFolder(Path(config.out)).held_run() is None:
+    if config.train.resume and RunFolder(Path(config.out)).held_run() is None:
         # `sweep --resume` means "continue what can be continued": cells stand at different stages, so a cell
         # with nothing to resume is a notice and starts from the beginning (a single run's --resume is an error).
         print(f"  nothing to resume for {cell.key}: it starts from the beginning", file=sys.stderr, flush=True)
