@@ -307,8 +307,7 @@ def plan_line(run: Run, peft_model, objective: Objective) -> str:
     offset = position_offset(peft_model)
     tokens = [sum(len(row.seq) + offset for row in rows) for rows in objective.rows]
     mean = sum(tokens) / max(len(tokens), 1)
-    scored = scored_examples(run.config, len(run.task.test), trains=True) if run.config.train.score_test else \
-        len(run.task.val) * run.config.train.epochs
+    scored = scored_examples(run.config, len(run.task.test), trains=True, n_val=len(run.task.val))
     examples = (f"{len(run.task.train)} training examples x {run.config.train.epochs} epochs, "
                 f"{len(run.task.val)} validation, {len(run.task.test)} test (epoch chosen: {run.config.train.select_on})")
     return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples)
@@ -403,14 +402,15 @@ def sample_sha256(samples: Task | Samples) -> str:
 
 def finished_run(out: Path, config: RunConfig) -> dict | None:
     """The metrics of a finished training run of this config in `out` (for --resume), None if there is none."""
-    metrics = RunFolder(out).finished_metrics()
+    folder = RunFolder(out)
+    metrics = folder.finished_metrics()
     if metrics is None or metrics.get("command") != "train":
         return None  # none, half-finished or damaged: train again (the checkpoint, if any, is used)
     differs = identity_differences(metrics.get("config", {}), config)
     if differs:
         raise PeftlabError(f"--out {out} holds a finished run of another config (it differs in "
                            f"{', '.join(differs[:5])}); choose another --out")
-    shutil.rmtree(RunFolder(out).checkpoint, ignore_errors=True)  # a kill after metrics.json can leave one behind
+    shutil.rmtree(folder.checkpoint, ignore_errors=True)  # a kill after metrics.json can leave one behind
     return metrics
 
 

@@ -106,14 +106,14 @@ def split_sizes(config) -> tuple[int, int]:
         return IMDB_SPLIT, IMDB_SPLIT
 
 
-def scored_examples(cfg, n_test: int, trains: bool) -> int:
-    """Examples a run scores: the validation split after every epoch, and the test subset after every epoch
-    (train.select_on=test) or once (val, last; none with train.score_test=false)."""
+def scored_examples(cfg, n_test: int, trains: bool, n_val: int | None = None) -> int:
+    """Examples a run scores: the validation split (n_val, default data.n_val) after every epoch, and the test
+    subset after every epoch (train.select_on=test) or once (val, last; none with train.score_test=false)."""
     if not trains:
         return n_test
     epochs = cfg.train.epochs
     test_passes = epochs if cfg.train.select_on == "test" else int(cfg.train.score_test)
-    return (cfg.data.n_val or 0) * epochs + n_test * test_passes
+    return (cfg.data.n_val or 0 if n_val is None else n_val) * epochs + n_test * test_passes
 
 
 def estimate_sweep(sweep: Sweep, store: ResultsStore | None) -> list[CellEstimate]:
