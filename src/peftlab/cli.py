@@ -57,7 +57,7 @@ READS = {
              "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",
              "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
     "sweep": ("model", "data", "prompt", "method", "train", "eval", "track", "adapter", "out"),  # base overrides
-    "tune": ("model", "data", "prompt", "method", "train", "eval", "out"),  # base overrides of every trial
+    "tune": ("model", "data", "prompt", "method", "train", "eval", "track", "out"),  # base overrides of every trial
 }
 # Keys of a section above that the command does not read: evaluation draws no training sample and
 # chooses no epoch, so it has no use for a validation split.

@@ -8,8 +8,9 @@ TensorBoard keeps no artifacts: its event files lie beside the adapter in the ru
     peftlab train --report-to tensorboard,mlflow --mlflow-uri sqlite:///mlflow.db --out runs/lora
 
 Steps are optimiser steps; epoch and final metrics are logged at the step they were reached. A sweep
-reports one run per cell, grouped by the sweep's name (`track.group`, set by experiments/runner.py):
-TensorBoard sees the cells as the runs under the sweep's folder, MLflow tags them `peftlab.sweep`,
+reports one run per cell, grouped by the sweep's name (`track.group`, set by experiments/runner.py);
+`peftlab tune` one run per trial (and one for the best config's final run), grouped by the study's name:
+TensorBoard sees them as the runs under the sweep's or search's folder, MLflow tags them `peftlab.sweep`,
 wandb and trackio put them in one group. Only the main process of a distributed run reports.
 """
 
@@ -206,6 +207,8 @@ class Trackers:
 
     def final(self, metrics: dict, adapter: Path | None) -> None:
         values = scalars({k: v for k, v in metrics.items() if k != "per_epoch"})
+        if metrics.get("evaluated_on") == "val":  # a tune trial never scores the test subset: say what was scored
+            values = {f"val/{k}": v for k, v in values.items()}
         self._each(lambda t: t.final(values, self.step))
         if adapter is not None and adapter.is_dir():
             self._each(lambda t: t.artifact(adapter))
@@ -219,14 +222,20 @@ class Trackers:
             call(tracker)
 
 
-def run_tracked(command: str, config: RunConfig, model=None, tokenizer=None, progress: bool | None = None) -> dict:
-    """`run_train` or `run_eval` of `config`, reported to the trackers in `config.track.report_to`."""
+def run_tracked(command: str, config: RunConfig, model=None, tokenizer=None, progress: bool | None = None,
+                on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """`run_train` or `run_eval` of `config`, reported to the trackers in `config.track.report_to`.
+
+    `on_epoch` (training only) is called after the trackers have logged the epoch, so a caller that stops
+    the run there (a pruned tune trial) leaves the epoch in the trackers.
+    """
     from peftlab import runs
 
     run = runs.run_train if command == "train" else runs.run_eval
     names = config.track.report_to or []
     if not names or os.environ.get("RANK", "0") != "0":
-        return run(config, model, tokenizer, progress=progress)
+        extra = {"on_epoch": on_epoch} if command == "train" and on_epoch is not None else {}
+        return run(config, model, tokenizer, progress=progress, **extra)
     if config.out is None:  # the trackers need the folder before the run makes it
         config = dataclasses.replace(config, out=str(runs.default_out(command)))
     out = Path(config.out).expanduser()
@@ -236,8 +245,12 @@ def run_tracked(command: str, config: RunConfig, model=None, tokenizer=None, pro
     failed = True
     try:
         if command == "train":
-            metrics = run(config, model, tokenizer, progress=progress, on_epoch=trackers.on_epoch,
-                          on_step=trackers.on_step)
+            def epoch_end(epoch: int, record: dict) -> None:
+                trackers.on_epoch(epoch, record)
+                if on_epoch is not None:
+                    on_epoch(epoch, record)
+
+            metrics = run(config, model, tokenizer, progress=progress, on_epoch=epoch_end, on_step=trackers.on_step)
         else:
             metrics = run(config, model, tokenizer, progress=progress)
         trackers.final(metrics, out / "adapter" if command == "train" else None)
@@ -251,5 +264,11 @@ def group_sweep(cells: list, sweep_name: str) -> None:
     """Each cell of a sweep reports as its own run in the group named after the sweep; a missing tracker
     library fails the sweep before its first cell."""
     for cell in cells:
-        cell.config.track.group = cell.config.track.group or sweep_name
-        check_installed(cell.config.track.report_to or [])
+        group_run(cell.config, sweep_name)
+
+
+def group_run(config: RunConfig, group: str) -> None:
+    """`config` reports in `group` (unless it names its own); a missing tracker library fails here, before
+    any run of a sweep or search starts."""
+    config.track.group = config.track.group or group
+    check_installed(config.track.report_to or [])

@@ -199,3 +199,35 @@ def test_trackio_local_run_records_steps_and_final_metrics(tiny_model_dir, imdb_
     logged = [(step, json.loads(text)) for step, text in rows]
     assert [s for s, m in logged if "train/loss" in m] == list(range(1, N_TRAIN // BATCH + 1))
     assert [m["final/accuracy"] for _, m in logged if "final/accuracy" in m] == [pytest.approx(metrics["accuracy"])]
+
+
+def test_a_tune_reports_one_run_per_trial_and_the_best_run_grouped_by_the_study(tiny_model_dir, imdb_dir, tmp_path):
+    pytest.importorskip("optuna")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {"model": {"name": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"},
+            "data": {"source": str(imdb_dir), "n_train": 8, "n_val": 8, "n_test": 8},
+            "prompt": {"max_input_tokens": 24}, "method": {"method": "lora"},
+            "train": {"epochs": 2, "batch_size": 4},
+            "track": {"report_to": ["mlflow", "tensorboard"], "mlflow_uri": uri},
+            "search": {"train.lr": "loguniform(1e-4, 5e-2)"},
+            "tune": {"trials": 3, "startup_trials": 1, "pruner": "none"}}
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["tune", str(tmp_path / "tune.yaml"), "--out", str(tmp_path / "search"), "--quiet"]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("peftlab").experiment_id])
+    trials = sorted(p.name for p in (tmp_path / "search" / "trials").iterdir())
+    assert sorted(r.info.run_name for r in runs) == sorted(trials + ["best-run"])
+    assert {r.data.tags["peftlab.sweep"] for r in runs} == {"tune"}
+    # Each trial's validation accuracy per epoch is what the trial's own metrics.json recorded.
+    for run in runs:
+        metrics = json.loads((tmp_path / "search" / ("best-run" if run.info.run_name == "best-run" else
+                                                     f"trials/{run.info.run_name}") / "metrics.json").read_text())
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        assert [m.value for m in history] == pytest.approx([e["val_accuracy"] for e in metrics["per_epoch"]])
+        best = run.info.run_name == "best-run"  # the test subset is scored for the best config only
+        assert ("final/accuracy" in run.data.metrics) is best
+        final = run.data.metrics["final/accuracy" if best else "final/val/accuracy"]
+        assert final == pytest.approx(metrics["accuracy"]) and metrics["evaluated_on"] == ("test" if best else "val")
+    assert sorted(p.parent.name for p in (tmp_path / "search").glob("*/*/tensorboard")) == trials

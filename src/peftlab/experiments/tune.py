@@ -25,7 +25,7 @@ command continues it:
   same run) is not run again: its stored validation result, epoch by epoch, is replayed to Optuna.
 Trials never score the test subset (train.score_test false, train.select_on val); the best
 trial's config is run once more with the test subset scored, at the end. Trials run one after
-another (no --workers yet).
+another (no --workers yet); with `track.report_to` each reports as its own run, grouped by the study.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from peftlab.experiments.grid import cell_folder, cell_key, check_scalars, short
 from peftlab.experiments.runner import failure_reason
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
+from peftlab.tracking import group_run
 
 TRIAL_SETTINGS = {"train.score_test": False, "train.select_on": "val"}  # trials never see the test subset
 FINAL_SETTINGS = {"train.score_test": True, "train.select_on": "val"}
@@ -144,6 +145,7 @@ def open_study(tune: Tune, log: Callable[[str], None]) -> optuna.Study:
 def trial_config(tune: Tune, params: dict, settings: dict = TRIAL_SETTINGS) -> RunConfig:
     config = build_config(tune.base, params, settings)
     config.out = str(tune.out / "trials" / cell_folder(cell_key(config), params))
+    group_run(config, tune.name)  # trackers: one run per trial, grouped by the study (peftlab.tracking)
     return config
 
 
@@ -173,7 +175,7 @@ class TrialRunner:
 
     def run(self, config: RunConfig, on_epoch=None) -> dict:
         """Run a cell (or return its finished record) and commit it to the store."""
-        from peftlab.runs import run_train
+        from peftlab.tracking import run_tracked
 
         key = cell_key(config)
         if self.model is None:
@@ -191,7 +193,8 @@ class TrialRunner:
                 on_epoch(epoch, record)
 
         try:
-            record = run_train(config, self.model, self.tokenizer, progress=self.progress, on_epoch=record_epoch)
+            record = run_tracked("train", config, self.model, self.tokenizer, progress=self.progress,
+                                 on_epoch=record_epoch)
         except optuna.TrialPruned:
             self.store.fail(key, f"pruned after epoch {epochs[-1]['epoch'] if epochs else 0}")
             raise
