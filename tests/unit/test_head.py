@@ -200,3 +200,25 @@ def test_eval_and_predict_with_a_head_adapter_give_the_training_runs_scores(tiny
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [sorted(r["scores"]) for r in rows] == [CLASSES, CLASSES]
     assert all(abs(sum(torch.tensor(list(r["scores"].values())).exp().tolist()) - 1) < 1e-4 for r in rows)
+
+
+def test_export_of_a_head_adapter_is_a_plain_sequence_classifier_with_the_same_scores(tiny_model_dir, imdb_dir,
+                                                                                     tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftlab.config import DataConfig
+    from peftlab.data import load_splits
+    from peftlab.models.export import export_merged
+
+    run_train(build_config(train_layer(tiny_model_dir, imdb_dir, tmp_path / "run")))
+    out = export_merged(tmp_path / "run" / "adapter", tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=32), CLASSES, True)
+    test = {e.id: e for e in load_splits(DataConfig(source=str(imdb_dir))).test}
+    with torch.no_grad():
+        for line in [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]:
+            ids = enc.encode([test[line["id"]]], tok)[0].prompt_ids
+            merged = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+            torch.testing.assert_close(merged, torch.tensor([line["scores"][c] for c in CLASSES]), atol=1e-4, rtol=1e-4)
