@@ -49,10 +49,10 @@ RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether t
 # it reads and ignores the rest.
 READS = {
     "train": ("model", "data", "prompt", "method", "train", "eval", "track", "out", "overwrite"),
-    "eval": ("model", "data", "prompt", "eval", "track", "adapter", "out", "overwrite",
+    "eval": ("model", "data", "prompt", "eval", "track", "adapter", "out", "overwrite", "train.objective",
              "train.strategy",  # run_eval joins the process group with it
              "train.resume"),   # a killed evaluation continues from its journalled scores
-    "predict": ("model", "prompt", "eval", "adapter"),
+    "predict": ("model", "prompt", "eval", "adapter", "train.objective"),
     "plan": ("model", "method.method", "method.lora_r", "method.lora_dropout", "method.lora_target_modules",
              "method.virtual_tokens", "train.batch_size", "train.gradient_checkpointing", "train.strategy",
              "prompt.max_input_tokens", "data.n_train", "eval", "adapter"),  # models.planner.request_from_config
@@ -326,6 +326,8 @@ def adapter_layer(adapter: str) -> dict:
     config, prompt = record.get("config", {}), record.get("prompt", {})
     layer = {f"prompt.{k}": v for k, v in config.get("prompt", {}).items()}
     layer["model.name"] = config.get("model", {}).get("name", "smollm2")
+    if "objective" in config.get("train", {}):  # a head adapter is scored by its head (issue 13)
+        layer["train.objective"] = config["train"]["objective"]
     layer["prompt.instruction"] = prompt.get("instruction", layer.get("prompt.instruction"))
     if prompt.get("words_by_class"):
         layer["prompt.label_words"] = prompt["words_by_class"]

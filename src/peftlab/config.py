@@ -25,6 +25,7 @@ from peftlab.errors import PeftlabError
 TRUNCATION_SIDES = ("head", "tail", "head+tail")
 PROMPT_INITS = ("random", "text", "labels", "vocab")
 LOSSES = ("lm", "classes")
+OBJECTIVES = ("label-words", "head")
 SCHEDULERS = ("linear", "cosine", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 PROMPT_LEARNING_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "multitask-prompt-tuning")
@@ -159,6 +160,10 @@ class TrainConfig:
     scheduler: str = opt("linear", "learning-rate decay after warm-up: linear|cosine|constant")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    objective: str = opt("label-words", "what the model answers with: label-words (the next-token log-probabilities of "
+                         "each class's label word) or head (a linear classification head, `score`, on the last prompt "
+                         "token's final hidden state, trained with the adapter and saved with it in peft's SEQ_CLS "
+                         "format)")
     loss: str | None = opt(None, "lm: cross entropy of the gold label word over the whole vocabulary; "
                            "classes: cross entropy over the label words only (default: lm for LoRA and other "
                            "weight adapters, classes for prompt learning)")
@@ -188,6 +193,7 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise PeftlabError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _choice("train.scheduler", self.scheduler, SCHEDULERS)
+        _choice("train.objective", self.objective, OBJECTIVES)
         if self.loss is not None:
             _choice("train.loss", self.loss, LOSSES)
         _choice("train.strategy", self.strategy, STRATEGIES)
@@ -249,9 +255,13 @@ class RunConfig:
         if self.eval.calibration == "val" and self.data.n_val == 0:  # issue 13: the prior needs data (None: all)
             raise PeftlabError("eval.calibration=val fits the prior on a validation split, and there is none: set "
                                "data.n_val > 0 (peftlab train) or use eval.calibration=content-free")
+        if self.train.objective == "head":
+            check_head_settings(self)
         # Method-dependent defaults, resolved here so that the saved config shows what ran.
         prompt_learning = self.method.method in PROMPT_LEARNING_METHODS
-        if self.train.loss is None:
+        if self.train.objective == "head":
+            self.train.loss = "classes"  # a head's loss is its cross entropy over the classes (check_head_settings)
+        elif self.train.loss is None:
             # Measured on SmolLM2 (README, "Prompt tuning"): with the full-vocabulary loss prompt tuning
             # first learns to say a label word at all and stalls near ln 2; the label-word loss learns.
             self.train.loss = "classes" if prompt_learning else "lm"
@@ -271,6 +281,23 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_head_settings(config: RunConfig) -> None:
+    """Settings that mean something for label words only; with train.objective=head each is one clear refusal."""
+    if config.train.loss == "lm":
+        raise PeftlabError("train.loss=lm is the cross entropy of the gold label word over the vocabulary, and "
+                           "train.objective=head has no label word to score: its loss is the cross entropy over the "
+                           "classes; drop --loss (or give --loss classes)")
+    if config.eval.score_norm != "sum":
+        raise PeftlabError(f"eval.score_norm={config.eval.score_norm} divides label-word scores by the word's length, "
+                           "and train.objective=head scores no words (one logit per class); drop --score-norm")
+    if config.eval.calibration == "content-free":
+        # Zhao et al. 2021 estimate a language model's prior over its label words from inputs with no content;
+        # a trained head has no such prior, its bias is fitted to the training classes.
+        raise PeftlabError("eval.calibration=content-free corrects a language model's prior over label words (Zhao "
+                           "et al. 2021), which a trained train.objective=head does not have; use --calibration val "
+                           "(a prior fitted on the validation split) or none")
 
 
 # The sections of the tree, in the pipeline's order; their names are the YAML top-level keys.

@@ -32,9 +32,11 @@ from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import PeftlabError, resource_errors
 from peftlab.evaluate.calibration import decide, fit_validation_prior
 from peftlab.evaluate.metrics import metrics_from_scores
-from peftlab.evaluate.scoring import ScoreResult, build_rows, score_examples
+from peftlab.evaluate.scoring import ScoreResult, build_rows, read_ids, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
+from peftlab.models.head import HeadSpec, class_head, head_record
 from peftlab.models.loading import resolve_model_source
+from peftlab.models.head import refuse_headless_method
 from peftlab.models.methods import detach_method, enable_gradient_checkpointing, peft_type_name, prompt_init_ids
 from peftlab.prompts import PromptEncoder, build_prompt_encoder
 from peftlab.records import ADAPTER_FILE, RunFolder, ScoreJournal, read_adapter_record, sha256_file
@@ -157,7 +159,7 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
     scores its share and all receive all scores (peftlab.distributed). With a `journal`
     (records.ScoreJournal; one process), finished batches are kept and reused by a resumed evaluation."""
     encoded = encoder.encode(examples, tokenizer)
-    rows = build_rows(encoded, encoder.label_ids)
+    rows = build_rows(encoded, read_ids(model, encoder.label_ids))
     n_classes, offset = len(encoder.classes), position_offset(model)
     if journal is not None and not cluster.distributed:
         result = score_examples(model, rows, n_classes, tokenizer.pad_token_id, offset, config.eval.eval_batch_size,
@@ -207,8 +209,10 @@ def memory_fix(config: RunConfig, training: bool) -> str:
 
 def run_eval(config: RunConfig, model=None, tokenizer=None, progress: bool | None = None) -> dict:
     """Zero-shot evaluation (or evaluation of `config.adapter`) of the test subset; writes the run folder."""
+    refuse_untrained_head(config)
     run = open_run(config, "eval", model, tokenizer, progress, n_train=0)
     model = load_adapter(run.model, config.adapter) if config.adapter else run.model
+    check_objective(config, model, run.task.encoder.classes)
     model = run.cluster.prepare_model(model)
     load_s = time.perf_counter() - run.start
     metrics, predictions = run.evaluate(model, run.task.test, "evaluating", journalled=True)
@@ -245,7 +249,7 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
                               config.train.checkpoint_every, config, sample_sha256(run.task), state=best)
     resumed = config.train.resume and checkpoints.load()
     load_s = time.perf_counter() - run.start
-    objective = training_objective(run)
+    objective = training_objective(run, peft_model)
     if run.progress:
         print(plan_line(run, peft_model, objective), file=sys.stderr, flush=True)
     try:
@@ -274,11 +278,40 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
 
 def check_trainable(config: RunConfig) -> None:
     """Mistakes a training run can see in its config alone, before any heavy work."""
-    peft_type_name(config.method.method)  # an unknown method fails here
+    name = peft_type_name(config.method.method)  # an unknown method fails here
+    if config.train.objective == "head":
+        refuse_headless_method(name)
     if config.data.n_train == 0:
         raise PeftlabError("data.n_train is 0: there is nothing to train on; give --n-train")
     if config.train.resume and join_cluster(config.model, config.train.strategy).distributed:
         raise PeftlabError("--resume of a run on several processes is not supported yet; rerun it from the start")
+
+
+def refuse_untrained_head(config: RunConfig) -> None:
+    """train.objective=head without a trained adapter: its head would be random."""
+    if config.train.objective == "head" and not config.adapter:
+        raise PeftlabError("train.objective=head without --adapter would score with an untrained, random head; "
+                           "train one first (peftlab train --objective head ...) and pass its adapter/ folder with "
+                           "--adapter, or use train.objective=label-words for zero-shot")
+
+
+def check_objective(config: RunConfig, model, classes: list[str]) -> None:
+    """The adapter decides the objective (a head is in its weights or not); a config saying otherwise is refused,
+    and so is a head whose outputs are not the data's classes, in their order."""
+    head = class_head(model)
+    if config.adapter and (head is not None) != (config.train.objective == "head"):
+        has = "a classification head" if head is not None else "no classification head (label words)"
+        raise PeftlabError(f"adapter {config.adapter} has {has}, and train.objective={config.train.objective} says "
+                           f"otherwise; drop --objective (the adapter's peftlab.json sets it) or give --objective "
+                           f"{'head' if head is not None else 'label-words'}")
+    if head is None:
+        return
+    head_config = model.get_base_model().config
+    names = [head_config.id2label[i] for i in range(head_config.num_labels)]
+    generic = names == [f"LABEL_{i}" for i in range(len(names))]  # a head saved without its class names
+    if len(names) != len(classes) or not (generic or names == list(classes)):
+        raise PeftlabError(f"adapter {config.adapter}'s head answers with {len(names)} classes {names}, and the data has "
+                           f"{len(classes)}, {list(classes)}; evaluate it on data of its own classes (or train a head for these)")
 
 
 def attach_trainee(run: Run):
@@ -286,16 +319,17 @@ def attach_trainee(run: Run):
     set_seed(run.config.train.seed)
     encoder = run.task.encoder
     init_ids = prompt_init_ids(run.config.method, run.tokenizer, encoder.instruction, encoder.label_ids)
-    peft_model = attach_method(run.model, run.config.method, init_ids, run.config.train.seed)
+    head = HeadSpec(encoder.classes, run.tokenizer.pad_token_id) if run.config.train.objective == "head" else None
+    peft_model = attach_method(run.model, run.config.method, init_ids, run.config.train.seed, head)
     if run.config.train.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
     peft_model = run.cluster.prepare_model(peft_model)  # fsdp: shard the frozen base across the processes
     return peft_model, trainable_parameters(peft_model)  # counted now: detach_method removes the adapter
 
 
-def training_objective(run: Run) -> Objective:
+def training_objective(run: Run, peft_model) -> Objective:
     encoded = run.task.encoder.encode(run.task.train, run.tokenizer)
-    rows = build_rows(encoded, run.task.encoder.label_ids, gold_only=run.config.train.loss == "lm")
+    rows = build_rows(encoded, read_ids(peft_model, run.task.encoder.label_ids), gold_only=run.config.train.loss == "lm")
     return Objective(rows=rows, labels=[e.label for e in encoded], n_classes=len(run.task.encoder.classes),
                      pad_id=run.tokenizer.pad_token_id, loss=run.config.train.loss)
 
@@ -355,6 +389,8 @@ def chosen_result(run: Run, peft_model, best: BestEpoch, params: dict) -> tuple[
     if run.folder is not None:
         record = {"config": run.config.to_dict(), "prompt": run.task.encoder.record(), "epoch": best.epoch,
                   "versions": versions()}
+        if (head := head_record(peft_model)) is not None:
+            record["head"] = head  # what plain AutoModelForSequenceClassification + peft need (README)
         sha = run.folder.save_adapter(peft_model, record)
     if best.select_on == "test":
         return dict(best.record["test"], evaluated_on="test"), best.predictions, sha
@@ -422,16 +458,18 @@ def predict(texts: list[str], config: RunConfig, model=None, tokenizer=None, cla
     if model is None:
         model, tokenizer = load_base_model(config.model)
     record = read_adapter_record(config.adapter) if config.adapter else None
+    refuse_untrained_head(config)
     if config.adapter:
         model = load_adapter(model, config.adapter)
     classes = classes or (record["prompt"]["classes"] if record else None) or \
         list(config.prompt.label_words or imdb_classes(config.data.labels))  # issue 13: rating-4
+    check_objective(config, model, classes)
     encoder = build_prompt_encoder(tokenizer, config.prompt, classes, is_imdb)
     # Untrusted text: lone surrogates (from JSON escapes) cannot be tokenised or printed as UTF-8.
     texts = [replace_lone_surrogates(str(t)) for t in texts]
     examples = [Example(id=str(i), text=t if t.strip() else " ", label=classes[0]) for i, t in enumerate(texts)]
     encoded = encoder.encode(examples, tokenizer)
-    rows = build_rows(encoded, encoder.label_ids)
+    rows = build_rows(encoded, read_ids(model, encoder.label_ids))
     result = score_examples(model, rows, len(classes), tokenizer.pad_token_id, position_offset(model),
                             config.eval.eval_batch_size, config.eval.max_batch_tokens, progress=False)
     offset = position_offset(model)

@@ -305,6 +305,30 @@ def tiny_adapter(folder: Path, model_dir: Path, hidden: int | None = None) -> Pa
     return folder
 
 
+def tiny_head_adapter(folder: Path, model_dir: Path, classes: list[str]) -> Path:
+    """A LoRA adapter with a classification head of `classes` (untrained), as plain transformers + peft save it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(classes),
+                                                               id2label=dict(enumerate(classes)))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+@setup("head-on-label-word-adapter")
+def _(tmp, ctx):
+    tiny_adapter(tmp / "adapter", ctx["model_dir"])
+
+
+@setup("head-of-other-classes")
+def _(tmp, ctx):
+    tiny_head_adapter(tmp / "adapter", ctx["model_dir"], ["bad", "fine", "good"])
+
+
 @setup("adapter-wrong-base")
 def _(tmp, ctx):
     tiny_adapter(tmp / "adapter", ctx["model_dir"], hidden=48)

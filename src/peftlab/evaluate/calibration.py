@@ -112,11 +112,11 @@ def decide(scores: torch.Tensor, encoder, config, score_rows, tokenizer, val_off
 def fit_validation_prior(model, tokenizer, encoder, val_examples, config) -> torch.Tensor:
     """eval.calibration=val: `fit_prior` on the validation split as scored by the model as it is now
     (after each epoch the prior is fitted again), normalised as `config.score_norm` says."""
-    from peftlab.evaluate.scoring import build_rows, score_examples
+    from peftlab.evaluate.scoring import build_rows, read_ids, score_examples
     from peftlab.models import position_offset
 
     encoded = encoder.encode(val_examples, tokenizer)
-    rows = build_rows(encoded, encoder.label_ids)
+    rows = build_rows(encoded, read_ids(model, encoder.label_ids))
     scores = score_examples(model, rows, len(encoder.classes), tokenizer.pad_token_id, position_offset(model),
                             config.eval_batch_size, config.max_batch_tokens, progress=False).scores
     normalised = normalise_scores(scores, encoder.label_ids, encoder.bare_words, config.score_norm)

@@ -9,6 +9,11 @@ Batches are right-padded: real tokens keep positions 0..n-1 whatever else is in 
 virtual tokens of prompt tuning (prepended by peft in front of the whole row, peft issue #1093)
 then shift every example by the same V. So an example's scores do not depend on its batch.
 The same function gives training its differentiable scores.
+
+Under a classification head (train.objective=head, models.head) the output at a position is the head's k
+class logits instead of the vocabulary's: each example is one row read at its last prompt token, and class
+c "reads" output c (`read_ids`), so the class scores are the log-softmax of the head's logits and everything
+downstream (padding invariance, the shared prefix, calibration, metrics) is the same code.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peftlab.models.head import class_head
 from peftlab.prompts.encoding import EncodedExample
 
 
@@ -46,6 +52,34 @@ def build_rows(examples: list[EncodedExample], label_ids: list[list[int]], gold_
         out.append([Row(ex.prompt_ids + label_ids[c][:-1], list(range(n - 1, n - 1 + len(label_ids[c]))),
                         [c], [label_ids[c]]) for c in classes])
     return out
+
+
+def read_ids(model, label_ids: list[list[int]]) -> list[list[int]]:
+    """What each class reads after the prompt: its label word's token ids under the LM head, or, under a
+    classification head, its own index among the head's outputs, at one position (the last prompt token)."""
+    return [[c] for c in range(len(label_ids))] if class_head(model) is not None else label_ids
+
+
+def position_outputs(model, forward, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """The model's outputs at `positions` of its input (virtual tokens included): (R, K, vocab) next-token
+    logits, or (R, K, k) class logits under a classification head.
+
+    LM head: `logits_to_keep`, so that it runs on the K read positions only. Classification head: the
+    sequence classifier's forward applies `score` to every position and pools at the last non-pad input id;
+    the per-position logits are taken from `score` itself (a forward hook), so that peftlab picks the
+    position, as it does for label words, where transformers' pooling cannot (inputs_embeds, a prefix cache).
+    """
+    head = class_head(model)
+    if head is None:
+        with contiguous_lm_head(model):
+            return forward(logits_to_keep=positions, **inputs).logits
+    caught = []
+    handle = head.register_forward_hook(lambda module, args, output: caught.append(output))
+    try:
+        forward(**inputs)
+    finally:
+        handle.remove()
+    return caught[-1][:, positions]  # (R, T, k) -> (R, K, k)
 
 
 def example_length(rows: list[Row]) -> int:
@@ -162,15 +196,17 @@ def prefix_cache(model, ids: list[int]) -> SharedPrefix:
     # (Gemma 3, Mistral) would keep just its last `sliding_window` keys, and the rows behind the prefix
     # need all of them, at their own positions; their sliding mask still limits what each row sees.
     full = {cache_argument(model): DynamicCache()}
+    if class_head(model) is None:
+        full["logits_to_keep"] = 1  # the LM head's logits are not read; a sequence classifier has no such argument
     with adapter_autocast(model, device), attention_kernels(device):
         if virtual_prompt_method(model):
             base = model.get_base_model()
             embeds = base.get_input_embeddings()(ids_t)
             prompt = model.get_prompt(batch_size=1).to(embeds.dtype)
             virtual = prompt.shape[1]
-            out = base(inputs_embeds=torch.cat([prompt, embeds], dim=1), use_cache=True, logits_to_keep=1, **full)
+            out = base(inputs_embeds=torch.cat([prompt, embeds], dim=1), use_cache=True, **full)
         else:
-            out = model(input_ids=ids_t, use_cache=True, logits_to_keep=1, **full)
+            out = model(input_ids=ids_t, use_cache=True, **full)
     cache = out.get("cache") or out.get("past_key_values")  # renamed to `cache` in transformers 5.24
     return SharedPrefix(len(ids), [(layer.keys, layer.values) for layer in cache.layers], virtual)
 
@@ -231,12 +267,13 @@ def example_scores(model, batch: list[list[Row]], n_classes: int, pad_id: int, o
                  "position_ids": torch.arange(cached, cached + width, device=device).expand(n, -1)}
         if prefix.virtual:  # the virtual tokens are in the cache: peft's forward would add them again
             forward = model.get_base_model()
-    # logits_to_keep: the LM head runs on the K read positions only, not on all B x T x vocab. Logit i is
-    # position i of the input, which starts `offset` virtual tokens before the row, or after the cache.
-    with contiguous_lm_head(model), adapter_autocast(model, device), attention_kernels(device):
-        logits = forward(input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
-                         logits_to_keep=keep_t + (offset - cached), use_cache=bool(prefix), **extra).logits  # (R, K, V)
-    picked = logits[r_t, k_t].float()                                                  # (P, vocab)
+    # Only the K read positions are read (position_outputs). Output i is position i of the input, which starts
+    # `offset` virtual tokens before the row, or after the cache.
+    with adapter_autocast(model, device), attention_kernels(device):
+        logits = position_outputs(model, forward, keep_t + (offset - cached), input_ids=to_device(input_ids, device),
+                                  attention_mask=to_device(attention_mask, device), use_cache=bool(prefix),
+                                  **extra)                                             # (R, K, vocab or k)
+    picked = logits[r_t, k_t].float()                                                  # (P, vocab or k)
     token_lp = torch.log_softmax(picked, dim=-1).gather(1, t_t[:, None])[:, 0]         # (P,)
     per_pair = torch.zeros(len(b_idx), device=device).index_add(0, seg_t, token_lp)
     scores = torch.full((len(batch), n_classes), float("-inf"), device=device)

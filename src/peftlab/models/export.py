@@ -5,7 +5,9 @@ without peft or peftlab.
 peft's `merge_and_unload` adds each adapter's update to the weight it adapts (W + B A * alpha/r for
 LoRA), so the merged model computes what base plus adapter computed. Prompt-learning adapters
 (prompt tuning, p-tuning, prefix tuning) change the model's inputs, not its weights: there is nothing
-to merge, and they are refused with what to do instead. The embedded smollm2 base comes from a GGUF
+to merge, and they are refused with what to do instead. An adapter with a classification head (train.objective=head,
+models.head) merges into the sequence classifier it was trained on: the export is an
+`XForSequenceClassification` folder for `AutoModelForSequenceClassification.from_pretrained`. The embedded smollm2 base comes from a GGUF
 file; the export is a normal safetensors folder all the same.
 """
 

@@ -13,6 +13,7 @@ import torch
 
 from peftlab.config import MethodConfig
 from peftlab.errors import PeftlabError
+from peftlab.models.head import HeadSpec, adapter_head_size, refuse_headless_method, with_class_head
 
 # Methods that prepend virtual tokens to the input embeddings, shifting every position by V.
 # Prefix tuning puts its virtual tokens in the KV cache instead and shifts nothing.
@@ -30,8 +31,9 @@ def peft_type_name(method: str) -> str:
     return name
 
 
-def build_peft_config(config: MethodConfig):
-    """The peft config object for `config.method`, filled from the method's fields and peft_options."""
+def build_peft_config(config: MethodConfig, head: bool = False):
+    """The peft config object for `config.method`, filled from the method's fields and peft_options; with
+    `head`, of task type SEQ_CLS (peft then trains and saves the `score` head with the adapter)."""
     import peft
 
     name = peft_type_name(config.method)
@@ -51,21 +53,27 @@ def build_peft_config(config: MethodConfig):
     kwargs.update(options)
     config_class = peft.PEFT_TYPE_TO_CONFIG_MAPPING[peft.PeftType[name]]
     try:
-        return config_class(task_type=peft.TaskType.CAUSAL_LM, **kwargs)
+        return config_class(task_type=peft.TaskType.SEQ_CLS if head else peft.TaskType.CAUSAL_LM, **kwargs)
     except (TypeError, ValueError) as exc:
         raise PeftlabError(f"invalid options for peft method {config.method!r}: {exc}") from None
 
 
-def attach_method(model, config: MethodConfig, init_ids: list[int] | None = None, seed: int = 0):
-    """Wrap `model` in a fresh trainable peft model; for prompt tuning, initialise the prompt."""
+def attach_method(model, config: MethodConfig, init_ids: list[int] | None = None, seed: int = 0,
+                  head: HeadSpec | None = None):
+    """Wrap `model` in a fresh trainable peft model; for prompt tuning, initialise the prompt. With `head`
+    (train.objective=head), the model becomes a sequence classifier with a fresh `score` head (models.head)."""
     import peft
 
     from peftlab.models.quantization import is_quantized, prepare_quantized_for_training
 
-    peft_config = build_peft_config(config)
+    peft_config = build_peft_config(config, head=head is not None)
+    if head is not None:
+        refuse_headless_method(peft_config.peft_type.name)
     if is_quantized(model):
         prepare_quantized_for_training(model)
     torch.manual_seed(seed)  # adapter initialisation is part of the run's seed, not of import order
+    if head is not None:
+        model = with_class_head(model, head)
     try:
         peft_model = peft.get_peft_model(model, peft_config)
     except ValueError as exc:
@@ -141,7 +149,8 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 def load_adapter(base_model, adapter_dir: str | Path):
-    """A saved adapter on top of `base_model`, as plain peft would load it; mismatches are named."""
+    """A saved adapter on top of `base_model`, as plain peft would load it; mismatches are named. An adapter
+    with a classification head (task_type SEQ_CLS) goes on `base_model`'s sequence classifier (models.head)."""
     import peft
 
     adapter_dir = Path(adapter_dir)
@@ -166,6 +175,9 @@ def load_adapter(base_model, adapter_dir: str | Path):
     if str(peft_type).upper() not in peft.PeftType.__members__:
         raise PeftlabError(f"{config_file} names peft_type {peft_type!r}, which peft {peft.__version__} does not "
                            "know; the adapter is damaged or was made by another tool")
+    n_classes = adapter_head_size(adapter_dir)
+    if n_classes is not None:
+        base_model = with_class_head(base_model, adapter_head_spec(adapter_dir, base_model, n_classes))
     try:
         model = peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     except (TypeError, KeyError) as exc:  # fields of adapter_config.json that peft's config class rejects
@@ -182,3 +194,15 @@ def load_adapter(base_model, adapter_dir: str | Path):
         raise
     model.eval()
     return model
+
+
+def adapter_head_spec(adapter_dir: Path, base_model, n_classes: int) -> HeadSpec:
+    """The head of a saved SEQ_CLS adapter: its classes and pad id from peftlab.json, else generic ones."""
+    from peftlab.records import read_adapter_record
+
+    head = (read_adapter_record(adapter_dir) or {}).get("head") or {}
+    names = head.get("id2label") or {}
+    classes = [str(names.get(str(i), f"LABEL_{i}")) for i in range(n_classes)]
+    config = base_model.config.get_text_config()
+    pad = head.get("pad_token_id", config.pad_token_id if config.pad_token_id is not None else config.eos_token_id)
+    return HeadSpec(classes, pad[0] if isinstance(pad, (list, tuple)) else pad)
