@@ -68,10 +68,19 @@ def main() -> None:
     name = {v: k for k, v in DTYPES.items()}[dtype]
 
     model, _ = load_base_model(ModelConfig(name=args.model, dtype=name, device="cpu"))
+    report = {"model": args.model, **measure(model, name, args.batch_size, args.tokens)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def measure(model, name: str, batch_size: int, tokens: int) -> dict:
+    """GEMM rates for the model's shapes, the body alone, and the ceilings derived from them, in `name`
+    (bf16 or fp32); bench/fp32_shares.py calls this beside peftlab's own runs."""
     cfg = model.config
     h, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    rows = args.batch_size * args.tokens
+    rows = batch_size * tokens
     shapes = {"hidden->hidden": (h, h), "hidden->kv": (h, kv), "hidden->intermediate": (h, inter),
               "intermediate->hidden": (inter, h), "4096->4096": (4096, 4096)}
     gemm = {dtype_name: {shape: gemm_gflops(rows, k, n, gemm_dtype, reps=3 if k == 4096 else 10)
@@ -81,9 +90,9 @@ def main() -> None:
 
     # Matrix parameters of the body: q, o (h x h), k, v (h x kv), gate, up, down (h x inter).
     matrix_params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
-    attention_flops = layers * 2 * 2 * h * args.tokens / 2  # QK^T and AV over a causal (half) window
+    attention_flops = layers * 2 * 2 * h * tokens / 2  # QK^T and AV over a causal (half) window
     flops_per_token = 2 * matrix_params + attention_flops
-    ids = torch.randint(10, cfg.vocab_size - 10, (args.batch_size, args.tokens))
+    ids = torch.randint(10, cfg.vocab_size - 10, (batch_size, tokens))
     with torch.inference_mode():
         body_s = seconds_per_call(lambda: model.model(input_ids=ids), reps=3)
     body_tok_s = rows / body_s
@@ -91,8 +100,8 @@ def main() -> None:
     shares = (("hidden->hidden", 2 * h * h), ("hidden->kv", 2 * h * kv), ("hidden->intermediate", 2 * h * inter),
               ("intermediate->hidden", inter * h))
     rate = sum(w for _, w in shares) / sum(w / gemm[name][k] for k, w in shares)
-    report = {
-        "model": args.model, "batch": [args.batch_size, args.tokens], "hardware": hardware(),
+    return {
+        "batch": [batch_size, tokens], "hardware": hardware(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
         "gemm_gflops": gemm, "body_matrix_parameters": matrix_params, "flops_per_token_forward": flops_per_token,
         "dtype": name, "cpu_has_fast_bf16": cpu_has_fast_bf16(), "load_average": list(os.getloadavg()),
@@ -102,9 +111,6 @@ def main() -> None:
         "ceiling_eval_tok_s": rate * 1e9 / flops_per_token,
         "ceiling_train_tok_s": rate * 1e9 / (2 * flops_per_token),
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
