@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cpu_ceiling import measure  # noqa: E402
 from peftlab.config import ModelConfig, build_config  # noqa: E402
 from peftlab.models import load_base_model  # noqa: E402
+from peftlab.repro import cpu_flags  # noqa: E402
 from peftlab.runs import run_eval, run_train  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main() -> None:
     speeds = {"eval": evaluated["eval_tokens_per_s"], "train": trained["train_tokens_per_s"]}
     report = {
         "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "hardware": before["hardware"],
-        "cpu_flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma"))),
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))),
         "load_average_end": list(os.getloadavg()), "ceiling_before": before, "ceiling_after": after,
         "tok_s": speeds, "ceiling_tok_s": ceilings,
         "share_of_ceiling": {k: [speeds[k] / ceilings[k][1], speeds[k] / ceilings[k][0]] for k in speeds},
@@ -72,16 +73,6 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("threads", "tok_s", "ceiling_tok_s", "share_of_ceiling")}, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
 
 
 if __name__ == "__main__":

@@ -45,13 +45,23 @@ def hardware() -> dict:
 
 
 def _cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere): avx512_bf16 and amx decide bf16 speed."""
+    return (cpuinfo_field("flags") or "").split()
+
+
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name: value` of /proc/cpuinfo, or None where there is none (not Linux, no such field)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
 
 
 def git_commit() -> str | None:
