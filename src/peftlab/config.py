@@ -489,10 +489,36 @@ NOT_IN_IDENTITY = ("out", "overwrite", "train.resume", "train.checkpoint_every",
 BEFORE_FIELD = {"train.select_on": "test"}
 
 
+# Settings that may name a local file or folder: in a run's identity they are absolute paths, so
+# `--data ../shared/x.tar.gz` and `--data /work/shared/x.tar.gz` are the same run (a resumed sweep given
+# the other spelling found every finished cell "new": results/study/README.md).
+PATH_KEYS = ("model.name", "data.source", "data.test_source", "data.val_source")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def looks_like_path(value: str) -> bool:
+    """A local path rather than a name (`imdb`, `smollm2`) or a hub id (`name`, `owner/name`)."""
+    return (value.startswith((".", "/", "~", "\\")) or value.count("/") > 1
+            or value.lower().endswith(TABLE_SUFFIXES + ARCHIVE_SUFFIXES + (".gguf",)))
+
+
+def local_path_identity(value: Any) -> Any:
+    """An existing or path-like value as its absolute, normalised path; anything else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value).expanduser()
+    if not (looks_like_path(value) or path.exists()):
+        return value
+    return str(path.resolve())
+
+
 def identity(config: RunConfig | dict) -> dict[str, Any]:
-    """The dotted settings that decide what a run computes (its config less NOT_IN_IDENTITY)."""
+    """The dotted settings that decide what a run computes (its config less NOT_IN_IDENTITY), local
+    paths made absolute (PATH_KEYS)."""
     flat = dotted(config.to_dict() if isinstance(config, RunConfig) else config)
-    return {k: v for k, v in flat.items() if k not in NOT_IN_IDENTITY}
+    return {k: local_path_identity(v) if k in PATH_KEYS else v
+            for k, v in flat.items() if k not in NOT_IN_IDENTITY}
 
 
 def identity_differences(stored: dict, current: RunConfig) -> list[str]:

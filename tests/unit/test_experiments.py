@@ -79,6 +79,35 @@ def test_cell_key_changes_with_every_setting_but_not_with_out_or_resume():
     assert cell_key(base) != cell_key(build_config({"data.n_train": 50, "data.data_seed": 1}))
 
 
+def test_a_local_path_is_the_same_run_however_it_is_spelled(tmp_path, tiny_model_dir, imdb_dir, monkeypatch):
+    # results/study/README.md: a resumed sweep given `../shared/...` for a store written with `/work/shared/...`
+    # found every finished cell "new" and would have run the grid again.
+    monkeypatch.chdir(imdb_dir.parent)
+    relative = os.path.relpath(imdb_dir, tmp_path / "elsewhere")  # ../<data folder>, from a folder beside it
+    (tmp_path / "elsewhere").mkdir(exist_ok=True)
+    absolute = build_config({"data.source": str(imdb_dir), "model.name": str(tiny_model_dir), "data.n_train": 8})
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    spelled = build_config({"data.source": relative, "model.name": os.path.relpath(tiny_model_dir),
+                            "data.n_train": 8})
+    assert spelled.data.source != absolute.data.source                  # the control: two spellings
+    assert cell_key(spelled) == cell_key(absolute)
+    assert cell_key(build_config({"data.source": relative + "-other", "data.n_train": 8})) != cell_key(absolute)
+    # names that are no local path stay names: the alias and a hub id
+    assert cell_key(build_config({"data.source": "imdb"})) != cell_key(build_config({"data.source": "stanfordnlp/imdb"}))
+
+
+def test_a_resumed_sweep_finds_its_cells_under_another_spelling_of_the_data(tmp_path, tiny_model_dir, imdb_dir,
+                                                                           monkeypatch):
+    path = write_sweep(tmp_path / "spell.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [8]})
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        first = run_sweep(load_sweep(path, out=tmp_path / "out"), store, log=lambda _: None)
+        assert len(first.ran) == 1
+        monkeypatch.chdir(tmp_path)
+        again = run_sweep(load_sweep(path, {"data.source": os.path.relpath(imdb_dir)}, out=tmp_path / "out"),
+                          store, log=lambda _: None, run=lambda *a: pytest.fail("a finished cell ran again"))
+        assert again.skipped == first.ran and not again.ran
+
+
 @pytest.mark.parametrize("grid, base, message", [
     ({"data.ntrain": [50]}, {}, "unknown grid key 'data.ntrain'"),
     ({"n_train": [50]}, {}, r"did you mean data.n_train"),

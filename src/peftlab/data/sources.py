@@ -15,7 +15,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from peftlab.config import DataConfig
+from peftlab.config import ARCHIVE_SUFFIXES, TABLE_SUFFIXES, DataConfig, looks_like_path
 from peftlab.data.examples import Example, LabelledSplits, replace_lone_surrogates
 from peftlab.errors import PeftlabError
 
@@ -31,8 +31,6 @@ IMDB_RATINGS = (1, 2, 3, 4, 7, 8, 9, 10)
 # aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt; the aclImdb/ prefix is optional so that a
 # folder holding train/ and test/ directly is read too.
 IMDB_MEMBER = re.compile(r"(?:^|/)(train|test)/(pos|neg)/(\d+_\d+)\.txt$")
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
 def load_splits(config: DataConfig) -> LabelledSplits:
@@ -52,7 +50,7 @@ def load_splits(config: DataConfig) -> LabelledSplits:
             return load_table_splits(path, config)
         raise PeftlabError(f"data file {path} has an unsupported type: give an aclImdb folder or "
                            f".tar.gz, or a {'/'.join(TABLE_SUFFIXES)} file")
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise PeftlabError(f"data path {source} does not exist: check --data (an aclImdb folder or "
                            ".tar.gz, a table file, or a hub data set name)")
     refuse_label_scheme(config, f"the hub data set {source!r}")
@@ -65,12 +63,6 @@ def refuse_label_scheme(config: DataConfig, what: str) -> None:
         raise PeftlabError(f"data.labels={config.labels} needs the star ratings of aclImdb file names, which "
                            f"{what} does not have; give an aclImdb folder or .tar.gz, or map labels with "
                            "data.label_map")
-
-
-def _looks_like_path(source: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped path.
-    return (source.startswith((".", "/", "~", "\\")) or source.count("/") > 1
-            or source.lower().endswith(TABLE_SUFFIXES + ARCHIVE_SUFFIXES))
 
 
 def clean_review(text: str) -> str:
