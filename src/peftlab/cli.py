@@ -171,9 +171,11 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 
 def add_experiment_parsers(sub) -> None:
     p = sub.add_parser("sweep", help=EXPERIMENT_COMMANDS["sweep"], description=EXPERIMENT_COMMANDS["sweep"] +
-                       ". Flags override the sweep's base config for every cell; a flag naming a grid key "
-                       "runs only that value of it.")
-    p.add_argument("sweep_config", metavar="CONFIG.yaml", help="sweep YAML: a run config plus grid: {key: [values]}")
+                       ". Flags override the sweep's base config (and its cases) for every cell; a flag "
+                       "naming a grid key runs only that value of it.")
+    p.add_argument("sweep_config", metavar="CONFIG.yaml", help="sweep YAML: a run config plus grid: {key: [values]} "
+                   "(the product gives the cells) and/or cases: {name: {key: value or [values]}} (a union of "
+                   "named settings, each crossed with the grid)")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"results store (SQLite) [default: {DEFAULT_STORE}]")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their estimated cost; run nothing")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them failed)")

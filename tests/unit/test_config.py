@@ -76,6 +76,11 @@ def test_every_shipped_yaml_config_is_valid():
     assert files, "configs/ ships no YAML"
     for path in files:
         data = load_yaml(path)
+        if "cases" in data:  # a sweep of cases: every cell built and validated as the sweep builds it
+            from peftlab.experiments import load_sweep
+
+            assert load_sweep(path).cells
+        data.pop("cases", None)
         grid = data.pop("grid", None) if isinstance(data, dict) else None
         data.pop("sweep", None)
         data.pop("search", None)  # tune YAMLs (configs/tune/): their search space is checked in test_tune.py

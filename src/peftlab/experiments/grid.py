@@ -8,6 +8,17 @@
       method.lora_dropout: [0.0, 0.1, 0.2]
     sweep: {name: smollm2-lora, title: "LoRA on SmolLM2: N x d"}   # optional, see SweepSpec
 
+`cases:` names settings that go together and are not a product (a method and its learning rate, say): each
+case is a mapping of dotted keys to a value, or to a list of values that the case alone is swept over (as
+scikit-learn's ParameterGrid takes a list of grids). The cells are the union of the cases, each crossed with
+`grid:`; a cell's grid values start with `case: <name>`, which the report uses as an axis like any other:
+
+    cases:
+      lora:  {method.method: lora, train.lr: 5.0e-4}
+      dora:  {method.method: lora, method.peft_options: {use_dora: true}, train.lr: 5.0e-4}
+      ia3:   {method.method: ia3, train.lr: [1.0e-3, 3.0e-3, 1.0e-2]}
+    grid: {data.n_train: [150, 500]}
+
 Each cell is a full, validated RunConfig. Its key is a hash of that resolved config (without the
 fields that only say where or how to write it), so the same run has the same key in every sweep
 and on every machine, and a results store can recognise it as done.
@@ -144,15 +155,20 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     path = Path(path)
     data = load_yaml(path)
     has_grid, grid_raw = "grid" in data, data.pop("grid", None)
+    has_cases, cases_raw = "cases" in data, data.pop("cases", None)
     spec = build_spec(data.pop("sweep", None), path)
     ray = build_ray_options(data.pop("ray", None), path)
     base = flatten(data, str(path))
     check_scalars(base, str(path))
     grid = validate_grid(grid_raw, str(path)) if has_grid else {}
+    cases = validate_cases(cases_raw, grid, str(path)) if has_cases else None
     overrides = dict(overrides or {})
     for key in list(overrides):
         if key in grid:
             grid[key] = [overrides.pop(key)]
+    for case in (cases or {}).values():  # a flag overrides what a case sets, as it overrides the base config
+        for key in overrides:
+            case.pop(key, None)
     base.update(overrides)
     if base.get("adapter"):
         raise PeftlabError(f"{path}: a sweep cannot evaluate a saved adapter (it would be merged into the base "
@@ -160,9 +176,10 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     name = spec.name or path.stem
     yaml_out = base.pop("out", None)  # in a sweep file, `out` is the sweep's folder, not one run's
     root = Path(out or yaml_out or DEFAULT_ROOT / name)
-    cells = expand_grid(base, grid, root, str(path))
-    check_layout(spec, grid, str(path))
-    return Sweep(name=name, source=str(path), spec=spec, grid=grid, out=root, cells=cells, ray=ray)
+    cells = expand_grid(base, grid, root, str(path), cases)
+    axes = case_axes(cases, grid) if cases is not None else grid
+    check_layout(spec, axes, str(path))
+    return Sweep(name=name, source=str(path), spec=spec, grid=axes, out=root, cells=cells, ray=ray)
 
 
 def section_values(raw: Any, section: str, cls: type, path: Path) -> dict | None:
@@ -231,24 +248,76 @@ def validate_grid(grid: Any, source: str) -> dict[str, list]:
     return flat
 
 
-def expand_grid(base: dict, grid: dict[str, list], root: Path, source: str = "sweep") -> list[Cell]:
-    """The cartesian product of the grid over the base layer; the first grid key varies slowest."""
-    keys = list(grid)
+def validate_cases(cases: Any, grid: dict[str, list], source: str) -> dict[str, dict]:
+    """Check `cases:`: named mappings of known dotted keys to a value or a list of values, none a grid key."""
+    if not cases or not isinstance(cases, dict):
+        raise PeftlabError(f"{source}: 'cases' must map case names to settings, e.g. cases: {{dora: "
+                           "{method.method: lora, method.peft_options: {use_dora: true}}}")
+    types = {leaf.key: leaf.type for leaf in leaves()}
+    out = {}
+    for name, settings in cases.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+            raise PeftlabError(f"{source}: case name {name!r}: use letters, digits, '.', '_', '+' and '-' only")
+        if not isinstance(settings, dict) or not settings:
+            raise PeftlabError(f"{source}: case {name} must map dotted config keys to values, e.g. "
+                               "{method.method: ia3, train.lr: 3.0e-3}")
+        flat = dotted(settings)
+        clash = sorted(set(flat) & set(grid))
+        if clash:
+            raise PeftlabError(f"{source}: case {name} sets {clash[0]}, which grid: sweeps for every case; set it "
+                               "in the cases or in the grid, not both")
+        for key in flat:
+            if key not in types or key in ("out", "adapter"):
+                raise PeftlabError(f"{source}: case {name}: unknown key '{key}'; case keys are dotted config keys "
+                                   "such as method.method, train.lr, method.peft_options")
+        axes = _case_split(flat)[1]
+        if axes:
+            validate_grid(axes, f"{source}: case {name}")
+        out[name] = flat
+    return out
+
+
+def _case_split(case: dict) -> tuple[dict, dict[str, list]]:
+    """A case's single values and its own axes (the lists of values of single-valued keys)."""
+    types = {leaf.key: leaf.type for leaf in leaves()}
+    axes = {k: v for k, v in case.items() if isinstance(v, list) and not _takes_collection(types[k])}
+    return {k: v for k, v in case.items() if k not in axes}, axes
+
+
+def case_axes(cases: dict[str, dict], grid: dict[str, list]) -> dict[str, list]:
+    """The sweep's axes for the store and the report: `case`, then every case's own axes, then the grid."""
+    axes: dict[str, list] = {"case": list(cases)}
+    for case in cases.values():
+        for key, values in _case_split(case)[1].items():
+            axes.setdefault(key, [])
+            axes[key] += [v for v in values if v not in axes[key]]
+    return {**axes, **grid}
+
+
+def expand_grid(base: dict, grid: dict[str, list], root: Path, source: str = "sweep",
+                cases: dict[str, dict] | None = None) -> list[Cell]:
+    """The cartesian product of the grid over the base layer (for each case, over the base and the case);
+    the first key varies slowest."""
+    layers = [({}, {}, grid)] if cases is None else [
+        ({"case": name}, fixed, {**axes, **grid}) for name, (fixed, axes) in
+        ((name, _case_split(case)) for name, case in cases.items())]
     cells, seen = [], {}
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        params = dict(zip(keys, combo))
-        try:
-            config = build_config(base, params)
-        except PeftlabError as exc:
-            where = ", ".join(f"{k}={v}" for k, v in params.items()) or "the base config"
-            raise PeftlabError(f"{source}: cell {where}: {exc}") from None
-        typed = {k: _get(config, k) for k in keys}
-        key = cell_key(config)
-        if key in seen:
-            raise PeftlabError(f"{source}: cells {seen[key]} and {typed} are the same run; remove the duplicate value")
-        seen[key] = typed
-        config.out = str(child_path(root, cell_folder(key, typed)))  # refuses a link out of the sweep
-        cells.append(Cell(key=key, params=typed, config=config))
+    for label, fixed, axes in layers:
+        keys = list(axes)
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            params = dict(zip(keys, combo))
+            try:
+                config = build_config(base, {**fixed, **params})
+            except PeftlabError as exc:
+                where = ", ".join(f"{k}={v}" for k, v in {**label, **params}.items()) or "the base config"
+                raise PeftlabError(f"{source}: cell {where}: {exc}") from None
+            typed = {**label, **{k: _get(config, k) for k in keys}}
+            key = cell_key(config)
+            if key in seen:
+                raise PeftlabError(f"{source}: cells {seen[key]} and {typed} are the same run; remove the duplicate")
+            seen[key] = typed
+            config.out = str(child_path(root, cell_folder(key, typed)))  # refuses a link out of the sweep
+            cells.append(Cell(key=key, params=typed, config=config))
     return cells
 
 
