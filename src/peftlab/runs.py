@@ -43,7 +43,7 @@ from peftlab.records import ADAPTER_FILE, RunFolder, ScoreJournal, read_adapter_
 from peftlab.repro import git_commit, hardware, peak_memory_mb, set_seed, versions
 from peftlab.train.checkpoint import Checkpoints, load_trainable
 from peftlab.train.loop import EpochRecord, Objective, fit
-from peftlab.train.preemption import Preempted, stop_requests
+from peftlab.train.preemption import Preempted, StopRequest, stop_requests
 from peftlab.train.selection import BestEpoch, selected_on_val
 
 
@@ -71,6 +71,7 @@ class Run:
     task: Task
     progress: bool
     start: float
+    stop: StopRequest | None = None  # while training (train.preemption): evaluations stop between batches
 
     def evaluate(self, model, examples: list[Example], desc: str, journalled: bool = False
                  ) -> tuple[dict, list[dict]]:
@@ -81,7 +82,8 @@ class Run:
                                            self.config.eval) if self.config.eval.calibration == "val" else None
             metrics, predictions, _ = evaluate_examples(model, self.tokenizer, self.task.encoder, examples,
                                                         self.config, progress=self.progress, desc=desc,
-                                                        cluster=self.cluster, val_offsets=offsets, journal=journal)
+                                                        cluster=self.cluster, val_offsets=offsets, journal=journal,
+                                                        stop=self.stop if journal is not None else None)
         return metrics, predictions
 
     def journal(self, model, examples: list[Example], desc: str) -> ScoreJournal:
@@ -154,7 +156,7 @@ def open_run(config: RunConfig, command: str, model, tokenizer, progress: bool |
 
 def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[Example], config: RunConfig,
                       progress: bool = True, desc: str = "evaluating", cluster: Cluster = SINGLE,
-                      val_offsets=None, journal=None) -> tuple[dict, list[dict], ScoreResult]:
+                      val_offsets=None, journal=None, stop=None) -> tuple[dict, list[dict], ScoreResult]:
     """Score the examples and return (metrics, predictions, raw scores); with several processes each
     scores its share and all receive all scores (peftlab.distributed). With a `journal`
     (records.ScoreJournal; one process), finished batches are kept and reused by a resumed evaluation."""
@@ -164,7 +166,7 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
     if journal is not None and not cluster.distributed:
         result = score_examples(model, rows, n_classes, tokenizer.pad_token_id, offset, config.eval.eval_batch_size,
                                 config.eval.max_batch_tokens, progress, desc, journal=journal,
-                                ids=[e.id for e in encoded])
+                                ids=[e.id for e in encoded], stop=stop)
     else:
         result = cluster.score(lambda part, max_examples, max_tokens: score_examples(
             model, part, n_classes, tokenizer.pad_token_id, offset, max_examples, max_tokens, progress, desc),
@@ -254,10 +256,12 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
         print(plan_line(run, peft_model, objective), file=sys.stderr, flush=True)
     try:
         with resource_errors("training", memory_fix(config, training=True)), stop_requests() as stop:
+            run.stop = stop
             history = fit(peft_model, objective, config.train,
                           epoch_evaluator(run, peft_model, best, params, on_epoch), run.progress,
                           None if run.cluster.distributed else checkpoints, cluster=run.cluster, on_step=on_step,
                           stop=stop)
+        run.stop = None  # the final test pass: SIGTERM kills again, its journal keeps the finished batches
         metrics, predictions, adapter_sha256 = chosen_result(run, peft_model, best, params)
     except Preempted as stopped:
         if run.folder is not None:
@@ -354,10 +358,12 @@ def epoch_evaluator(run: Run, peft_model, best: BestEpoch, params: dict, on_epoc
 
     def on_epoch_end(record: EpochRecord) -> dict:
         evaluations, predictions = {}, None
+        # Journalled, so that a stop request (or a kill) during a long test pass loses no finished batch.
         if run.task.val:
-            evaluations["val"], _ = run.evaluate(peft_model, run.task.val, f"val epoch {record.epoch}")
+            evaluations["val"], _ = run.evaluate(peft_model, run.task.val, f"val epoch {record.epoch}", journalled=True)
         if select_on == "test":
-            evaluations["test"], predictions = run.evaluate(peft_model, run.task.test, f"test epoch {record.epoch}")
+            evaluations["test"], predictions = run.evaluate(peft_model, run.task.test, f"test epoch {record.epoch}",
+                                                            journalled=True)
         best.consider(record.epoch, evaluations, params, predictions)
         if run.progress:
             print(epoch_line(record, evaluations, run.config.train.epochs), file=sys.stderr, flush=True)

@@ -55,7 +55,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_equals_the_unbroken_run(tiny_mo
     assert interrupted["signal"] == "SIGTERM" and not (out / "metrics.json").exists()
     if interrupted["epoch"] == 2:  # stopped inside epoch 2: the checkpoint is of that very step
         assert (position["epoch"], position["optimizer_steps"]) == (2, interrupted["optimizer_step"])
-        assert 0 < position["batch"] < 8
+        assert 0 <= position["batch"] < 8  # 0: the signal came while epoch 1's end was being checkpointed
     metrics = run_train(build_config(values, {"out": str(out), "train.resume": True}))
     assert outcome(out) == outcome(tmp_path / "unbroken")
     assert not (out / "interrupted.json").exists() and metrics["resumed_from"] is not None
@@ -164,3 +164,52 @@ def test_sigterm_stops_a_sweep_marks_its_cell_interrupted_and_resume_finishes_it
     with ResultsStore(store) as reader:
         cells = reader.cells()
     assert [c.status for c in cells] == ["finished", "finished"] and cells[0].record["resumed_from"] is not None
+
+
+@pytest.mark.parametrize("split, after_batches", [("test", 2), ("val", 1)])
+def test_sigterm_during_an_epochs_evaluation_stops_between_batches_and_resume_scores_only_the_rest(
+        tiny_model_dir, imdb_dir, tmp_path, monkeypatch, split, after_batches):
+    """A long per-epoch evaluation (2000 test reviews: ~7 minutes on one CPU thread) is not waited for: the
+    signal stops it after the current batch, the trained epoch is checkpointed, and --resume scores only
+    the batches the journal lacks, ending as the unbroken run."""
+    import peftlab.evaluate.scoring as scoring
+    from peftlab.train.preemption import Preempted
+
+    values = {"model.name": str(tiny_model_dir), "data.source": str(imdb_dir), "model.dtype": "fp32",
+              "data.n_train": 8, "data.n_val": 4, "data.n_test": 12, "prompt.max_input_tokens": 32,
+              "train.epochs": 2, "train.batch_size": 2, "train.lr": 1e-2, "train.checkpoint_every": 100,
+              "train.select_on": "test", "eval.eval_batch_size": 2}
+    unbroken = tmp_path / "unbroken"
+    run_train(build_config(values, {"out": str(unbroken)}))
+    real, calls, signalled = scoring.example_scores, [], []
+
+    def counted(*args, **kwargs):  # evaluation batches only: training calls the scorer through train.loop
+        calls.append(desc_now[0])
+        if desc_now[0] == f"{split} epoch 1" and calls.count(desc_now[0]) == after_batches and not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # lands in stop_requests' handler: a flag, not an exit
+        return real(*args, **kwargs)
+
+    real_score, desc_now = scoring.score_examples, [None]
+
+    def score_examples(*args, **kwargs):
+        desc_now[0] = kwargs.get("desc", args[8] if len(args) > 8 else None)
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "example_scores", counted)
+    monkeypatch.setattr(scoring, "score_examples", score_examples)
+    import peftlab.runs as runs
+    monkeypatch.setattr(runs, "score_examples", score_examples, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(Preempted, match="stopped by SIGTERM at epoch 1"):
+        run_train(build_config(values, {"out": str(out)}))
+    batches = {"test": 6, "val": 2}[split]
+    assert calls.count(f"{split} epoch 1") == after_batches < batches  # stopped after that batch, not at the end
+    assert "test epoch 2" not in calls
+    position = json.loads((out / "checkpoint" / "state.json").read_text())["position"]
+    assert (position["epoch"], position["batch"]) == (1, 4)  # epoch 1's 4 batches trained, its evaluation not done
+    assert json.loads((out / "interrupted.json").read_text())["signal"] == "SIGTERM"
+    calls.clear()
+    run_train(build_config(values, {"out": str(out), "train.resume": True}))
+    assert calls.count(f"{split} epoch 1") == batches - after_batches  # the journal kept the rest
+    assert outcome(out) == outcome(unbroken)

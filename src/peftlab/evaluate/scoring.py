@@ -315,14 +315,17 @@ class ScoreResult:
 @torch.inference_mode()
 def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, offset: int,
                    max_examples: int = 16, max_tokens: int = 8192, progress: bool = True,
-                   desc: str = "scoring", share_prefix: bool = True, journal=None, ids: list[str] | None = None
-                   ) -> ScoreResult:
+                   desc: str = "scoring", share_prefix: bool = True, journal=None, ids: list[str] | None = None,
+                   stop=None) -> ScoreResult:
     """Label-word scores of every example, in length-grouped batches.
 
     With a `journal` (records.ScoreJournal) and the examples' `ids`, each finished batch is journalled and
     batches the journal holds already are taken from it; the batches are the same whatever was done
-    before, so the scores are too.
+    before, so the scores are too. With `stop` (train.preemption.StopRequest), a stop request raises
+    EvaluationStopped between two batches.
     """
+    from peftlab.train.preemption import EvaluationStopped
+
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -332,16 +335,20 @@ def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, of
     tokens = sum(len(row.seq) + offset for r in rows for row in r)
     start = time.perf_counter()
     prefix = shared_prefix(model, rows, offset) if share_prefix else None
-    with tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
-        for batch in length_batches(lengths, max_examples, max_tokens):
-            if journal is not None and all(ids[i] in journal.known for i in batch):
-                scores[batch] = torch.tensor([journal.known[ids[i]] for i in batch], dtype=scores.dtype)
-            else:
-                scores[batch] = example_scores(model, [rows[i] for i in batch], n_classes, pad_id, offset,
-                                               prefix).float().cpu()
-                if journal is not None:
-                    journal.append([ids[i] for i in batch], scores[batch].tolist())
-            bar.update(len(batch))
+    try:
+        with tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+            for batch in length_batches(lengths, max_examples, max_tokens):
+                if journal is not None and all(ids[i] in journal.known for i in batch):
+                    scores[batch] = torch.tensor([journal.known[ids[i]] for i in batch], dtype=scores.dtype)
+                else:
+                    if stop is not None and stop.signal is not None:
+                        raise EvaluationStopped(stop.signal)
+                    scores[batch] = example_scores(model, [rows[i] for i in batch], n_classes, pad_id, offset,
+                                                   prefix).float().cpu()
+                    if journal is not None:
+                        journal.append([ids[i] for i in batch], scores[batch].tolist())
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
     seconds = time.perf_counter() - start
-    model.train(was_training)
     return ScoreResult(scores=scores, tokens=tokens, seconds=seconds)

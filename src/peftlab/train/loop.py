@@ -22,7 +22,7 @@ from peftlab.errors import PeftlabError
 from peftlab.evaluate.scoring import Row, example_length, example_scores, prefix_cache, shareable_prefix
 from peftlab.models.methods import position_offset
 from peftlab.train.checkpoint import Checkpoints, Position
-from peftlab.train.preemption import Preempted, StopRequest
+from peftlab.train.preemption import EvaluationStopped, Preempted, StopRequest
 
 
 class TrainingDiverged(PeftlabError):
@@ -208,7 +208,15 @@ def fit(model, objective: Objective, config: TrainConfig, on_epoch_end: Callable
         loss_sum, seen, tokens = cluster.sum(pos.loss_sum, pos.seen, pos.tokens)  # over all processes
         record = EpochRecord(epoch=epoch, loss=loss_sum / max(seen, 1), seconds=pos.seconds, tokens=int(tokens))
         if on_epoch_end is not None:
-            record.metrics = on_epoch_end(record)
+            try:
+                record.metrics = on_epoch_end(record)
+            except EvaluationStopped as stopped:
+                # The epoch is trained; its checkpoint says so (batch = the last), and a resumed run goes
+                # straight to this evaluation, whose finished batches the journal keeps.
+                if checkpoints is None:
+                    raise
+                checkpoints.save(pos, params, optimizer, scheduler)
+                raise Preempted(stopped.signal_name, epoch, pos.optimizer_steps) from None
         history.append(record)
         pos = Position(epoch=epoch + 1, optimizer_steps=pos.optimizer_steps, order_rng=rng.getstate(),
                        history=[asdict(h) for h in history])
