@@ -1,7 +1,11 @@
 """Zero-shot accuracy and macro-F1 of every eval.score_norm x eval.calibration, from one scoring pass.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python bench/decisions.py --data ../shared/data/aclImdb_labeled.tar.gz \
-        --labels rating-4 --n-test 200 --n-val 40 --out bench/results/decisions-rating4-200.json
+        --labels rating-4 --n-test 200 --n-val 40 --dtype fp32 --out bench/results/decisions-rating4-200.json
+
+Six `peftlab eval` runs (configs/sweeps/smollm2-rating4.yaml) would score the same reviews six times; with
+four label words of one and two tokens that is 4 rows a review, so one pass here is worth ~3 hours on a
+2-core CPU at 2000 reviews.
 
 The test reviews, the content-free inputs and a balanced validation sample of the training split
 (disjoint from the test split; fit_prior's data) are scored once with peftlab's scorer; each setting
@@ -22,6 +26,7 @@ from peftlab.evaluate.calibration import SCORE_NORMS, decide, fit_prior, normali
 from peftlab.evaluate.metrics import classification_metrics
 from peftlab.evaluate.scoring import build_rows, score_examples
 from peftlab.models import load_base_model
+from peftlab.repro import cpuinfo_field, git_commit, hardware
 from peftlab.runs import load_task
 
 
@@ -32,10 +37,11 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--n-val", type=int, default=40)
     parser.add_argument("--shots", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="model.dtype (auto: bf16 where the CPU computes it fast)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cfg = build_config({"data.source": args.data, "data.labels": args.labels, "data.n_train": 0,
-                        "data.n_test": args.n_test, "model.dtype": "fp32", "prompt.shots": args.shots})
+                        "data.n_test": args.n_test, "model.dtype": args.dtype, "prompt.shots": args.shots})
     model, tok = load_base_model(cfg.model)
     task = load_task(cfg, tok)
     enc, k = task.encoder, len(task.encoder.classes)
@@ -72,7 +78,9 @@ def main() -> None:
                   f"  predicted {results[-1]['predicted_counts']}", flush=True)
     out = {"args": vars(args), "classes": enc.classes, "label_ids": enc.label_ids, "n_test": len(test),
            "n_val": len(val), "scoring_seconds": time.perf_counter() - start, "test_tokens": raw.tokens,
-           "torch_threads": torch.get_num_threads(), "results": results}
+           "torch_threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype),
+           "hardware": hardware(), "cpu": cpuinfo_field("model name"), "git_commit": git_commit(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
 
