@@ -87,8 +87,8 @@ def test_the_method_comparison_runs_every_method_on_the_tiny_model(tmp_path, tin
     sweep = load_sweep(ROOT / "configs/sweeps/smollm2-methods-lr.yaml", tiny, out=tmp_path / "out")
     cases = list(dict.fromkeys(c.params["case"] for c in sweep.cells))
     assert cases == ["lora", "dora", "rslora", "ia3", "loha", "lokr", "prompt-tuning", "p-tuning", "prefix-tuning"]
-    sweep = dataclasses.replace(sweep, cells=[next(c for c in sweep.cells if c.params["case"] == case)
-                                              for case in cases])  # one learning rate per method
+    one_each = [next(c for c in sweep.cells if c.params["case"] == case) for case in cases]  # one lr per method
+    sweep = dataclasses.replace(sweep, cells=one_each, members=one_each)
     store_path = tmp_path / "r.sqlite"
     with ResultsStore(store_path, writer=True) as store:
         outcome = run_sweep(sweep, store, log=lambda _: None)

@@ -335,7 +335,8 @@ def test_finished_cells_survive_peftlab_gaining_a_config_field(tmp_path, sweep_y
         outcome = run_sweep(sweep, store, log=lambda _: None,
                             run=lambda cell, *a: ran.append(cell.key) or {"accuracy": 0.5})
         assert outcome.skipped == ["old-key-0"] and ran == [sweep.cells[1].key]
-        assert [c.key for c in store.cells("tiny")] == ["old-key-0", sweep.cells[1].key]
+        assert [c.key for c in store.cells("tiny") if c.params["data.n_train"] == 8] == ["old-key-0",
+                                                                                        sweep.cells[1].key]
 
 
 # -- kill -9 in the middle of a cell ---------------------------------------------------------------
@@ -406,3 +407,23 @@ def test_dry_run_lists_cells_with_their_cost_and_creates_no_store(sweep_yaml, tm
     assert "to run: 4 cells" in text and "speed: model size unknown, SmolLM2's cpu figure assumed" in text
     # (8 + 16 reviews) x 1 epoch + 4 cells x 12 test reviews, at most (53 + 40) tokens each
     assert "to run: 4 cells, 9k tokens" in text
+
+
+def test_a_sweep_run_one_row_at_a_time_keeps_the_whole_table(tmp_path, sweep_yaml):
+    """`--n-train 16` runs one row; the store still holds the sweep as the YAML defines it, so the report
+    shows the rows run before (results/study was run row by row, and a row run dropped the others)."""
+    from peftlab.report.tables import build_tables
+
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        for n in ("8", "16"):
+            run_sweep(load_sweep(sweep_yaml, {"data.n_train": n}, out=tmp_path / "out"), store, log=lambda _: None)
+        assert len(store.cells("tiny")) == 4 and all(c.status == "finished" for c in store.cells("tiny"))
+        [table] = build_tables(store)
+        assert table.rows == [8, 16] and all(table.entries[(r, c)].records for r in table.rows for c in table.cols)
+        # a value the YAML's grid lacks joins the table beside the YAML's own, none is lost
+        run_sweep(load_sweep(sweep_yaml, {"data.n_train": "12", "method.lora_dropout": "0.0"}, out=tmp_path / "out"),
+                  store, log=lambda _: None)
+        [table] = build_tables(store)
+        assert table.rows == [8, 16, 12] and sum(c.status == "finished" for c in store.cells("tiny")) == 5
+    dry = load_sweep(sweep_yaml, {"data.n_train": "16"})
+    assert [c.params["data.n_train"] for c in dry.cells] == [16, 16] and len(dry.members) == 4

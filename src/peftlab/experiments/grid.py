@@ -113,6 +113,13 @@ class Sweep:
     cells: list[Cell]
     command: str | None = None  # the command line that runs it, kept in the store for the report
     ray: RayOptions | None = None  # run the cells in parallel on Ray workers (None: one after another)
+    # Every cell of the sweep as its YAML defines it, which the store records as the sweep's table; more than
+    # `cells` when a flag runs one value of a grid key (`--n-train 500`: one row of the table).
+    members: list[Cell] | None = None
+
+    def __post_init__(self):
+        if self.members is None:
+            self.members = self.cells
 
 
 def short_name(key: str) -> str:
@@ -163,6 +170,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     grid = validate_grid(grid_raw, str(path)) if has_grid else {}
     cases = validate_cases(cases_raw, grid, str(path)) if has_cases else None
     overrides = dict(overrides or {})
+    full_grid = dict(grid)
     for key in list(overrides):
         if key in grid:
             grid[key] = [overrides.pop(key)]
@@ -177,9 +185,22 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     yaml_out = base.pop("out", None)  # in a sweep file, `out` is the sweep's folder, not one run's
     root = Path(out or yaml_out or DEFAULT_ROOT / name)
     cells = expand_grid(base, grid, root, str(path), cases)
-    axes = case_axes(cases, grid) if cases is not None else grid
+    members, axes = cells, grid
+    if grid != full_grid:  # one value of a grid key runs; the store still records the whole table
+        members = expand_grid(base, full_grid, root, str(path), cases)
+        members += [c for c in cells if c.key not in {m.key for m in members}]
+        axes = {k: _unique_values([*full_grid[k], *(c.params[k] for c in cells)]) for k in grid}
+    axes = case_axes(cases, axes) if cases is not None else axes
     check_layout(spec, axes, str(path))
-    return Sweep(name=name, source=str(path), spec=spec, grid=axes, out=root, cells=cells, ray=ray)
+    return Sweep(name=name, source=str(path), spec=spec, grid=axes, out=root, cells=cells, ray=ray, members=members)
+
+
+def _unique_values(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
 
 
 def section_values(raw: Any, section: str, cls: type, path: Path) -> dict | None:

@@ -104,9 +104,11 @@ def run_cell(cell: Cell, model, tokenizer, progress: bool | None) -> dict:
 def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: SweepOutcome) -> list[Cell]:
     """Register the sweep in the store and return the cells still to run, grouped by base model."""
     sweep.cells = with_earlier_keys(sweep.cells, store)
+    members = with_earlier_keys(sweep.members, store)
     group_sweep(sweep.cells, sweep.name)  # trackers: one run per cell, grouped by the sweep (peftlab.tracking)
+    # The whole table, also when a flag runs one row of it: the report shows the other rows' cells as before.
     store.register_sweep(sweep.name, sweep.source, sweep.command, sweep.grid, _spec_dict(sweep),
-                         [(c.key, c.params) for c in sweep.cells])
+                         [(c.key, c.params) for c in members])
     todo = []
     for cell in sweep.cells:
         status = store.status(cell.key)
