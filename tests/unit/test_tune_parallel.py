@@ -67,6 +67,7 @@ def parallel(ray_cluster, tmp_path_factory, tiny_model_dir, imdb_dir):
     return folder / "out", outcome, logs, cells
 
 
+@pytest.mark.slow  # the shared search: ~80 s on a loaded 2-core machine
 def test_every_trial_runs_once_and_a_lost_workers_trial_is_redone(parallel):
     out, _, logs, cells = parallel
     trials = study_of(out).trials
@@ -93,6 +94,7 @@ def test_every_trial_runs_once_and_a_lost_workers_trial_is_redone(parallel):
     assert len(pids) >= 2 and os.getpid() not in pids  # the runs were the workers' (one replaced the lost one)
 
 
+@pytest.mark.slow  # the shared search: ~80 s on a loaded 2-core machine
 def test_each_completed_trial_equals_a_serial_run_of_its_parameters(parallel, tmp_path, one_torch_thread):
     out, _, _, cells = parallel
     completed = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
@@ -106,6 +108,7 @@ def test_each_completed_trial_equals_a_serial_run_of_its_parameters(parallel, tm
         assert serial["adapter_sha256"] == cell.record["adapter_sha256"]
 
 
+@pytest.mark.slow  # the shared search: ~80 s on a loaded 2-core machine
 def test_outputs_are_those_of_a_serial_search(parallel):
     out, outcome, _, cells = parallel
     study = study_of(out)
@@ -147,6 +150,15 @@ def test_cli_ray_section_and_pruning_by_the_driver(ray_cluster, tmp_path, tiny_m
             cell = store.cell(trial.user_attrs["cell_key"])
             assert cell.status == "failed" and cell.reason == "pruned after epoch 1"
             assert cell.config["train"]["epochs"] == 2  # stopped, not a one-epoch run
+
+
+def test_help_documents_workers(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    out = capsys.readouterr().out
+    for words in ("--workers", "--ray-address", "ray: section", "max_worker_losses", "constant-liar TPE"):
+        assert words in out
+    assert "no --workers yet" not in out
 
 
 @pytest.mark.slow
