@@ -92,7 +92,6 @@ def test_every_trial_runs_once_and_a_lost_workers_trial_is_redone(parallel):
     assert 1 in victim_trial.intermediate_values
     pids = {c.record["cell"]["pid"] for c in cells.values() if c.status == "finished"}
     assert pids and os.getpid() not in pids  # the runs were the workers'
-    assert not [line for line in logs if "already reported" in line]
 
 
 @pytest.mark.slow  # the shared search: ~80 s on a loaded 2-core machine
