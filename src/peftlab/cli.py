@@ -211,12 +211,21 @@ def add_tune_parser(sub) -> None:
               "--out OUT is the search's folder [default: runs/tune/<study>]; it gets study.sqlite3 (watch it live:\n"
               "optuna-dashboard sqlite:///OUT/study.sqlite3), trials/ (one run per trial, validation only), best-run/\n"
               "(the best config, test subset scored once), best.yaml (runs with `peftlab train --config`), best.json,\n"
-              "trials.csv, trials.md and plots/. Trials run one at a time (no --workers yet).")
+              "trials.csv, trials.md and plots/.\n"
+              "Trials run one after another, or N at a time on Ray workers with --workers N (or a ray: section as\n"
+              "in a sweep YAML: workers, address, gpus_per_worker, cpus_per_worker, max_worker_losses). The driver\n"
+              "alone writes the study and the store; a worker that dies costs its trial one attempt. In parallel a\n"
+              "trial's value equals a serial run of its parameters, but which trials are asked after TPE's startup\n"
+              "trials, and which are pruned, depend on timing (constant-liar TPE).")
     p = sub.add_parser("tune", help=EXPERIMENT_COMMANDS["tune"], description=EXPERIMENT_COMMANDS["tune"],
                        epilog=epilog.replace("%", "%%"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tune_config", metavar="CONFIG.yaml", help="tune YAML (see below)")
     p.add_argument("--store", help="results store (SQLite) the trials are cells of; give a sweep's store to reuse "
                    "its finished cells [default: OUT/results.sqlite]")
+    p.add_argument("--workers", type=int, help="run this many trials at a time on Ray workers, one per GPU (or per "
+                   "share of the CPUs); overrides the YAML's ray.workers [default: one after another]")
+    p.add_argument("--ray-address", help="Ray cluster to join ('auto', 'ray://host:10001') [default: start a "
+                   "local one]; overrides ray.address")
     add_config_flags(p, "tune", config_file=False)
 
 
@@ -230,8 +239,14 @@ def run_tune_command(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     tune = load_tune(args.tune_config, overrides, out=getattr(args, "out", None))  # --out: the search's folder
+    ray_options = parallel_options(tune.ray, args.workers, args.ray_address)
     with ResultsStore(args.store or tune.out / "results.sqlite", writer=True) as store:
-        outcome = run_tune(tune, store, progress=False if args.quiet else None)
+        if ray_options is None:
+            outcome = run_tune(tune, store, progress=False if args.quiet else None)
+        else:
+            from peftlab.experiments.tune_parallel import run_tune_parallel
+
+            outcome = run_tune_parallel(tune, store, ray_options)
     test = outcome.test
     print(f"tune {tune.name}: best {tune.spec.objective} {outcome.best_value:.4f} with {outcome.best_params}; "
           f"test accuracy {test['accuracy']:.2%} (95% CI {test['ci95'][0]:.2%}-{test['ci95'][1]:.2%}) -> "
@@ -280,7 +295,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
 
 
 def parallel_options(from_yaml, workers: int | None, address: str | None):
-    """The YAML's `ray:` section with the flags on top; None for a serial sweep."""
+    """The YAML's `ray:` section with the flags on top; None for a serial sweep or tune."""
     import dataclasses
 
     from peftlab.experiments.grid import RayOptions

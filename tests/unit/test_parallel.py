@@ -151,3 +151,14 @@ def test_the_cli_starts_and_stops_its_own_local_cluster(tmp_path, tiny_model_dir
     assert "2 to run on 2 Ray workers" in done.stdout and "2 cells run" in done.stdout
     with ResultsStore(store) as reader:
         assert [c.status for c in reader.cells("own")] == ["finished", "finished"]
+
+
+def test_a_gpu_index_no_worker_has_is_refused_before_ray_starts(tmp_path, tiny_model_dir, imdb_dir, capsys):
+    path = write_sweep(tmp_path / "gpu.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [8, 16]},
+                       model={"device": "cuda:1"})
+    store = tmp_path / "r.sqlite"
+    assert main(["sweep", str(path), "--store", str(store), "--out", str(tmp_path / "runs"), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.device=cuda:1 cannot work on Ray workers (--workers)" in err and err.count("\n") == 1
+    with ResultsStore(store) as reader:
+        assert reader.cells() == []  # refused before any cell was started

@@ -18,11 +18,16 @@ survives) stops the sweep as in a serial sweep, after the other running cells ha
 
 Run folders (adapters, predictions) are written by the workers under the sweep's `out`: on several
 machines that must be a file system all of them share; the store holds every cell's full record.
+
+The workers, the losses and the errors are a `WorkerPool`'s; `peftlab tune --workers` runs its trials'
+cells on one too (tune_parallel.py).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 from peftlab.errors import PeftlabError
@@ -38,8 +43,12 @@ class CellWorker:
     def __init__(self, threads: int, load_model: Callable | None, run: Callable):
         import torch
 
+        from peftlab.cli import quiet_libraries
+
         torch.set_num_threads(max(1, threads))
-        # The driver logs each cell; per-batch progress bars from several workers would interleave.
+        # The driver logs each cell; per-batch progress bars and library notices (Ray forwards a worker's
+        # output to the driver's) from several workers would interleave.
+        quiet_libraries()
         self.executor = CellExecutor(load_model, run, progress=False)
 
     def execute(self, cell: Cell):
@@ -50,8 +59,8 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise PeftlabError("parallel sweeps (--workers, ray:) need Ray: pip install 'peftlab[ray]' "
-                           "(or run the sweep without --workers)") from None
+        raise PeftlabError("--workers and a ray: section need Ray: pip install 'peftlab[ray]' "
+                           "(or run without --workers)") from None
     return ray
 
 
@@ -67,6 +76,20 @@ def connect(ray, options: RayOptions) -> bool:
     return True
 
 
+def check_device(device: str, options: RayOptions, source: str) -> None:
+    """Refuse a model.device no Ray worker can use: a worker sees only the GPUs Ray gives it, from cuda:0 up
+    (Ray sets CUDA_VISIBLE_DEVICES), and none with gpus_per_worker 0."""
+    if device.split(":")[0] != "cuda":
+        return
+    if options.gpus_per_worker == 0:
+        raise PeftlabError(f"{source}: model.device={device} with ray gpus_per_worker=0 cannot work: the workers see "
+                           "no GPU; give each worker a GPU or set model.device: cpu")
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= max(1, int(options.gpus_per_worker or 1)):
+        raise PeftlabError(f"{source}: model.device={device} cannot work on Ray workers (--workers): each worker sees "
+                           "only the GPU Ray gives it, as cuda:0; set model.device: cuda (or auto)")
+
+
 def worker_resources(ray, options: RayOptions, workers: int) -> tuple[float, float]:
     """(cpus, gpus) per worker, checked against what the cluster has."""
     total = ray.cluster_resources()
@@ -79,11 +102,94 @@ def worker_resources(ray, options: RayOptions, workers: int) -> tuple[float, flo
     return cpus, gpus
 
 
+@dataclass
+class Ended:
+    """What became of a cell handed to a worker: its result, its worker's death, or a bug."""
+
+    cell: Cell
+    result: CellResult | None = None  # it ran; or its workers died max_worker_losses times: a failed result
+    lost: str | None = None           # its worker died (Ray's last line): it goes to a new worker
+    bug: BaseException | None = None  # an unexpected error in the cell (a RayTaskError)
+
+
+class WorkerPool:
+    """Ray workers that run cells: an idle one takes a cell, a dead one is replaced, a cell's losses counted.
+
+    The parallel sweep (below) and the parallel tune (tune_parallel.py) schedule their cells on one; the
+    caller alone writes the results store.
+    """
+
+    def __init__(self, ray, options: RayOptions, workers: int, load_model: Callable | None, run: Callable):
+        self.ray, self.options = ray, options
+        cpus, gpus = worker_resources(ray, options, workers)
+        self._actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(CellWorker)
+        self._args = (int(cpus), load_model, run)
+        self.actors: list = []
+        self.idle = [self._new_worker() for _ in range(workers)]
+        self.running: dict = {}             # object ref -> (worker, cell)
+        self.losses: dict[str, int] = {}    # cell key -> workers that died running it
+
+    def _new_worker(self):
+        actor = self._actor_class.remote(*self._args)
+        self.actors.append(actor)
+        return actor
+
+    def submit(self, cell: Cell) -> None:
+        """Hand `cell` to an idle worker (the caller has marked it running in the store)."""
+        worker = self.idle.pop()
+        self.running[worker.execute.remote(cell)] = (worker, cell)
+
+    def wait(self, also: list = ()):
+        """The next cell to end, as an `Ended`; or the first ref of `also` that is ready before any cell ends."""
+        (ref,), _ = self.ray.wait(list(self.running) + list(also), num_returns=1)
+        if ref not in self.running:
+            return ref
+        worker, cell = self.running.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:  # the worker's process or node is gone
+            self.idle.append(self._new_worker())
+            losses = self.losses[cell.key] = self.losses.get(cell.key, 0) + 1
+            if losses >= self.options.max_worker_losses:
+                reason = f"its Ray worker died {losses} times (last: {_last_line(exc)})"
+                return Ended(cell, result=CellResult("failed", reason=reason))
+            return Ended(cell, lost=_last_line(exc))
+        except self.ray.exceptions.RayTaskError as exc:
+            self.idle.append(worker)
+            return Ended(cell, bug=exc)
+        self.idle.append(worker)
+        return Ended(cell, result=result)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextmanager
+def ray_cluster(options: RayOptions):
+    """Ray, connected to the cluster of `options`: joined, or started here and shut down on leaving."""
+    ray = import_ray()
+    started = connect(ray, options)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_sweep_parallel(sweep: Sweep, store: ResultsStore, options: RayOptions, retry_failed: bool = False,
                        log: Callable[[str], None] = print, load_model: Callable | None = None,
                        run: Callable = run_cell) -> SweepOutcome:
     """Run the cells the store does not hold as finished on `options.workers` Ray workers."""
-    ray = import_ray()
+    for cell in sweep.cells:
+        check_device(cell.config.model.device, options, sweep.source or sweep.name)
     outcome = SweepOutcome()
     todo = deque(plan_sweep(sweep, store, retry_failed, outcome))
     workers = min(options.workers, len(todo))
@@ -91,64 +197,34 @@ def run_sweep_parallel(sweep: Sweep, store: ResultsStore, options: RayOptions, r
         f"{len(todo)} to run on {workers} Ray workers")
     if not todo:
         return outcome
-    started = connect(ray, options)
-    actors = []
-    try:
-        cpus, gpus = worker_resources(ray, options, workers)
-        actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(CellWorker)
-
-        def new_worker():
-            actor = actor_class.remote(int(cpus), load_model, run)
-            actors.append(actor)
-            return actor
-
-        _schedule(ray, sweep, store, todo, [new_worker() for _ in range(workers)], new_worker, options,
-                  outcome, log)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
+    with ray_cluster(options) as ray, WorkerPool(ray, options, workers, load_model, run) as pool:
+        _schedule(sweep, store, todo, pool, outcome, log)
     return outcome
 
 
-def _schedule(ray, sweep: Sweep, store: ResultsStore, todo: deque, idle: list, new_worker, options: RayOptions,
-              outcome: SweepOutcome, log) -> None:
+def _schedule(sweep: Sweep, store: ResultsStore, todo: deque, pool: WorkerPool, outcome: SweepOutcome, log) -> None:
     """Hand cells to idle workers and write each result as it comes back, until every cell is done."""
     position = cell_positions(sweep)
-    running: dict = {}                   # object ref -> (worker, cell)
-    losses: dict[str, int] = {}
     bug: BaseException | None = None     # the first unexpected error: no new cells after it
-    while running or (todo and bug is None):
-        while todo and idle and bug is None:
-            worker, cell = idle.pop(), todo.popleft()
+    while pool.running or (todo and bug is None):
+        while todo and pool.idle and bug is None:
+            cell = todo.popleft()
             log(f"{position[cell.key]} {cell.label()} ({cell.key})")
             store.start(cell.key, cell.config.to_dict(), cell.config.out)
-            running[worker.execute.remote(cell)] = (worker, cell)
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        worker, cell = running.pop(ref)
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # the worker's process or node is gone
-            losses[cell.key] = losses.get(cell.key, 0) + 1
-            if losses[cell.key] >= options.max_worker_losses:
-                reason = f"its Ray worker died {losses[cell.key]} times (last: {_last_line(exc)})"
-                settle(store, cell, CellResult("failed", reason=reason), outcome, log, prefix=f"  {cell.key} ")
-            else:
-                # It stays `running` in the store until a new worker takes it (which counts the attempt).
-                log(f"  the worker running {cell.key} died; the cell goes to a new worker")
-                clear_unfinished(cell)
-                todo.appendleft(cell)
-            idle.append(new_worker())
-            continue
-        except ray.exceptions.RayTaskError as exc:
-            bug = bug or exc  # the cell stays `running`: the next sweep redoes it, as in a serial sweep
-            log(f"  {cell.key} stopped the sweep with an unexpected error: {_last_line(exc)}")
-            idle.append(worker)
-            continue
-        # A cell that changed its shared base model raises here, as in a serial sweep.
-        settle(store, cell, result, outcome, log, prefix=f"  {cell.key} ")
-        idle.append(worker)
+            pool.submit(cell)
+        ended = pool.wait()
+        cell = ended.cell
+        if ended.lost is not None:
+            # It stays `running` in the store until a new worker takes it (which counts the attempt).
+            log(f"  the worker running {cell.key} died; the cell goes to a new worker")
+            clear_unfinished(cell)
+            todo.appendleft(cell)
+        elif ended.bug is not None:
+            bug = bug or ended.bug  # the cell stays `running`: the next sweep redoes it, as in a serial sweep
+            log(f"  {cell.key} stopped the sweep with an unexpected error: {_last_line(ended.bug)}")
+        else:
+            # A cell that changed its shared base model raises here, as in a serial sweep.
+            settle(store, cell, ended.result, outcome, log, prefix=f"  {cell.key} ")
     if bug is not None:
         raise bug.as_instanceof_cause()
 

@@ -44,6 +44,11 @@ class BaseModelChanged(RuntimeError):
     """A finished cell left the shared base model different from how it was loaded (a peftlab bug)."""
 
 
+class StoppedEarly(Exception):
+    """Raised inside a cell's run to end it on purpose before its last epoch (a tune trial pruned on a
+    worker, tune_parallel.py); the cell ends `stopped` with this reason, not as a bug."""
+
+
 @dataclass
 class SweepOutcome:
     ran: list[str] = field(default_factory=list)       # keys finished by this call
@@ -163,7 +168,8 @@ def cell_positions(sweep: Sweep) -> dict[str, str]:
 class CellResult:
     """What running one cell gave. Plain data: a Ray worker sends it back to the driver."""
 
-    status: str                  # finished | failed | changed (finished, but it changed the shared base)
+    status: str                  # finished | failed | stopped (StoppedEarly) | changed (finished, but it
+                                 # changed the shared base)
     record: dict | None = None
     reason: str | None = None
     base_changed: bool = False   # the base differs from how it was loaded (reloaded before the next cell)
@@ -228,7 +234,7 @@ class CellExecutor:
         try:
             record = self.run(cell, self.model, self.tokenizer, self.progress)
         except BaseException as exc:
-            reason = failure_reason(exc)
+            reason = str(exc) if isinstance(exc, StoppedEarly) else failure_reason(exc)
             if reason is None:
                 raise  # a bug, Ctrl-C or kill: the cell stays `running` and the next sweep redoes it
             changed = self._base_changed()
@@ -236,7 +242,8 @@ class CellExecutor:
                 self.release()
             elif "memory" in reason.lower():
                 _free()  # give the next cell what the failed one held
-            return CellResult("failed", reason=reason, base_changed=changed, model_loaded=loaded)
+            status = "stopped" if isinstance(exc, StoppedEarly) else "failed"
+            return CellResult(status, reason=reason, base_changed=changed, model_loaded=loaded)
         if self._base_changed():
             self.release()
             return CellResult("changed", reason="the cell changed the shared base model (a peftlab bug)",

@@ -28,8 +28,8 @@ class TuneSpec:
 
     trials: int = opt(20, "budget: trials that end (completed, pruned, or failed for a reason such as a diverged "
                       "loss); a trial cut off by a kill is redone and not counted")
-    sampler: str = opt("tpe", "tpe (Optuna's TPESampler) or random; seeded by tune.seed, reseeded per trial so a "
-                       "resumed search draws what an unbroken one draws")
+    sampler: str = opt("tpe", "tpe (Optuna's TPESampler, constant liar) or random; seeded by tune.seed, reseeded "
+                       "per trial so a resumed search draws what an unbroken one draws (with --workers: see below)")
     seed: int = opt(0, "seed of the sampler")
     startup_trials: int = opt(5, "TPE: random trials before it models the results; median pruner: trials "
                               "before it prunes")

@@ -14,18 +14,20 @@ The study is Optuna's own RDB storage in one SQLite file, so kill -9 at any mome
 command continues it:
 - one tune at a time owns a study (an flock on <study file>.lock, dropped by the kernel when the
   process dies), so a trial still RUNNING when the study is opened was cut off: it is marked FAIL
-  (without the user attribute `reason` that a real failure has) and redone; Optuna's heartbeat
-  (RDBStorage(heartbeat_interval=...)) would do this too, but it works with study.optimize only,
+  (without the user attribute `reason` that a real failure has) and redone: its parameters are
+  queued (study.enqueue_trial), so the next trial asked runs them; Optuna's heartbeat
+  (RDBStorage(heartbeat_interval=...)) would fail it too, but it works with study.optimize only,
   not with ask/tell, and it waits for a grace period where the lock already tells;
-- the sampler is made afresh before each trial, seeded by (tune.seed, trials ended so far), and
-  a cut-off trial is not in the history TPE reads, so the redone trial draws the parameters the
-  cut-off one drew, and a resumed search asks exactly what an unbroken one asks;
+- the sampler is made afresh before each trial, seeded by (tune.seed, the trials asked before it
+  that were not cut off), and a cut-off trial is not in the history TPE reads, so a resumed
+  search asks exactly what an unbroken one asks;
 - each trial is a cell of the results store (key: experiments.grid.cell_key), finished the moment
   it ends; a trial whose cell is finished (killed before Optuna was told, or a grid cell of the
   same run) is not run again: its stored validation result, epoch by epoch, is replayed to Optuna.
 Trials never score the test subset (train.score_test false, train.select_on val); the best
 trial's config is run once more with the test subset scored, at the end. Trials run one after
-another (no --workers yet); with `track.report_to` each reports as its own run, grouped by the study.
+another here, or on Ray workers with --workers (tune_parallel.py); with `track.report_to` each
+reports as its own run, grouped by the study.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from peftlab.config import RunConfig, build_config, flatten, load_yaml
 from peftlab.errors import PeftlabError
-from peftlab.experiments.grid import cell_folder, cell_key, check_scalars, short_name
+from peftlab.experiments.grid import RayOptions, build_ray_options, cell_folder, cell_key, check_scalars, short_name
 from peftlab.experiments.runner import failure_reason
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
@@ -63,6 +66,7 @@ class Tune:
     spec: TuneSpec
     out: Path
     storage: Path
+    ray: RayOptions | None = None  # trials in parallel on Ray workers (tune_parallel.py); None: one after another
 
     @property
     def url(self) -> str:
@@ -78,6 +82,7 @@ def load_tune(path: str | Path, overrides: dict[str, Any] | None = None, out: st
     path = Path(path)
     data = load_yaml(path)
     search_raw, spec = data.pop("search", None), build_tune_spec(data.pop("tune", None), str(path))
+    ray = build_ray_options(data.pop("ray", None), path)
     base = flatten(data, str(path))
     check_scalars(base, str(path))
     base.update(overrides or {})
@@ -90,15 +95,18 @@ def load_tune(path: str | Path, overrides: dict[str, Any] | None = None, out: st
     name = spec.study or path.stem
     root = Path(out or yaml_out or Path("runs") / "tune" / name)
     storage = Path(spec.storage) if spec.storage else root / "study.sqlite3"
-    return Tune(name=name, source=str(path), base=base, space=space, spec=spec, out=root, storage=storage)
+    return Tune(name=name, source=str(path), base=base, space=space, spec=spec, out=root, storage=storage, ray=ray)
 
 
-def make_sampler(spec: TuneSpec, ended: int) -> optuna.samplers.BaseSampler:
-    """A fresh sampler per trial, seeded by the trials ended so far: resumed and unbroken searches agree."""
-    seed = spec.seed * 100_003 + ended
+def make_sampler(spec: TuneSpec, position: int) -> optuna.samplers.BaseSampler:
+    """A fresh sampler per trial, seeded by its position (the trials asked before it that were not cut off;
+    one after another, the trials ended so far): resumed and unbroken searches agree."""
+    seed = spec.seed * 100_003 + position
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials)
+    # constant_liar: TPE counts the trials still running as bad results, so that trials asked while others
+    # run (--workers) do not all go to the same promising spot; one after another no other trial is running.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True)
 
 
 def make_pruner(spec: TuneSpec) -> optuna.pruners.BasePruner:
@@ -115,6 +123,10 @@ def counts(trial: optuna.trial.FrozenTrial) -> bool:
         trial.state == TrialState.FAIL and "reason" in trial.user_attrs)
 
 
+def ended_trials(study: optuna.Study) -> int:
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
+
+
 def lock_study(storage: Path) -> int:
     """An exclusive flock on <study>.lock for this process's life (the kernel drops it at any death)."""
     storage.parent.mkdir(parents=True, exist_ok=True)
@@ -129,17 +141,30 @@ def lock_study(storage: Path) -> int:
 
 
 def open_study(tune: Tune, log: Callable[[str], None]) -> optuna.Study:
-    """Create or load the study; trials left RUNNING by a dead process are marked FAIL (cut off)."""
+    """Create or load the study; trials left RUNNING by a dead process are marked FAIL (cut off) and queued again."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=tune.name, storage=tune.url, direction=tune.direction,
                                 load_if_exists=True, pruner=make_pruner(tune.spec))
     if study.direction.name.lower() != tune.direction:
         raise PeftlabError(f"study {tune.name} in {tune.storage} was made for the other objective direction; "
                            "keep tune.objective as it was, or give another --out")
+    queued = {t.user_attrs.get("redo_of") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # Queued first, then failed: a kill between the two leaves it RUNNING and queued, and the check
+        # above keeps the next open from queuing it twice.
+        if trial.number not in queued and fits(tune.space, trial.params):
+            study.enqueue_trial(trial.params, user_attrs={"redo_of": trial.number})
         study.tell(trial.number, state=TrialState.FAIL)  # no "reason" attribute: cut off, not counted
         log(f"trial {trial.number} was cut off by a kill: redone")
     return study
+
+
+def fits(space: dict, params: dict) -> bool:
+    """Whether parameters drawn earlier lie in the search space (the YAML may have changed since)."""
+    if set(params) != set(space):
+        return False
+    return all(value in space[key].choices if isinstance(space[key], CategoricalDistribution)
+               else space[key].low <= value <= space[key].high for key, value in params.items())
 
 
 def trial_config(tune: Tune, params: dict, settings: dict = TRIAL_SETTINGS) -> RunConfig:
@@ -159,7 +184,30 @@ def finished_record(store: ResultsStore, config: RunConfig) -> dict | None:
 
 
 def objective_value(record: dict, objective: str) -> float:
-    return float(record["val"]["accuracy" if objective == "val_accuracy" else "nll"])
+    return float(record["val"][objective_metric(objective)])
+
+
+def objective_metric(objective: str) -> str:
+    """The validation metric an objective reads: accuracy or nll."""
+    return "accuracy" if objective == "val_accuracy" else "nll"
+
+
+def train_trial(config: RunConfig, model, tokenizer, progress: bool | None, on_epoch=None) -> dict:
+    """Train a trial's run on a loaded base; its record gains `val_per_epoch` (what the pruner was told,
+    replayed to Optuna when a later trial reuses the cell). Runs in the tune, or on a Ray worker."""
+    from peftlab.tracking import run_tracked
+
+    epochs: list[dict] = []
+
+    def record_epoch(epoch: int, record: dict) -> None:
+        epochs.append({"epoch": epoch, "val": _small(record["val"])})
+        if on_epoch is not None:
+            on_epoch(epoch, record)  # may raise to stop the run (pruned)
+
+    record = run_tracked("train", config, model, tokenizer, progress=progress, on_epoch=record_epoch)
+    record = json.loads(json.dumps(record, default=str))
+    record["val_per_epoch"] = epochs
+    return record
 
 
 @dataclass
@@ -175,8 +223,6 @@ class TrialRunner:
 
     def run(self, config: RunConfig, on_epoch=None) -> dict:
         """Run a cell (or return its finished record) and commit it to the store."""
-        from peftlab.tracking import run_tracked
-
         key = cell_key(config)
         if self.model is None:
             from peftlab.models import load_base_model
@@ -185,18 +231,10 @@ class TrialRunner:
         if self.store.status(key) is not None:
             shutil.rmtree(config.out, ignore_errors=True)  # a cut-off or pruned try is redone from scratch
         self.store.start(key, config.to_dict(), config.out)
-        epochs: list[dict] = []
-
-        def record_epoch(epoch: int, record: dict) -> None:
-            epochs.append({"epoch": epoch, "val": _small(record["val"])})
-            if on_epoch is not None:
-                on_epoch(epoch, record)
-
         try:
-            record = run_tracked("train", config, self.model, self.tokenizer, progress=self.progress,
-                                 on_epoch=record_epoch)
-        except optuna.TrialPruned:
-            self.store.fail(key, f"pruned after epoch {epochs[-1]['epoch'] if epochs else 0}")
+            record = train_trial(config, self.model, self.tokenizer, self.progress, on_epoch)
+        except optuna.TrialPruned as exc:
+            self.store.fail(key, str(exc))
             raise
         except BaseException as exc:
             reason = failure_reason(exc)
@@ -204,8 +242,6 @@ class TrialRunner:
                 raise  # a bug or a kill: the cell stays running and the trial RUNNING; a rerun redoes both
             self.store.fail(key, reason)
             raise TrialFailed(reason) from exc
-        record = json.loads(json.dumps(record, default=str))
-        record["val_per_epoch"] = epochs
         self.store.finish(key, record)
         return record
 
@@ -218,42 +254,65 @@ def _small(metrics: dict | None) -> dict | None:
     return None if metrics is None else {k: metrics.get(k) for k in ("accuracy", "nll", "ece", "brier", "n")}
 
 
-def run_trial(study: optuna.Study, runner: TrialRunner, number: int, log: Callable[[str], None]) -> None:
-    """Ask, run (or reuse) and tell one trial."""
-    tune = runner.tune
-    study.sampler = make_sampler(tune.spec, number)
+def ask_trial(study: optuna.Study, tune: Tune, position: int) -> tuple[optuna.Trial, RunConfig, str]:
+    """Ask the trial at `position` (see make_sampler): the trial, its run config and its log heading."""
+    study.sampler = make_sampler(tune.spec, position)
     trial = study.ask(tune.space)
     config = trial_config(tune, trial.params)
+    trial.set_user_attr("cell_key", cell_key(config))
     label = ", ".join(f"{short_name(k)}={_fmt(v)}" for k, v in trial.params.items())
-    metric = "accuracy" if tune.spec.objective == "val_accuracy" else "nll"
+    return trial, config, f"[trial {position + 1}/{tune.spec.trials}] {label}"
+
+
+def replay(trial: optuna.Trial, record: dict, objective: str) -> None:
+    """Report a stored run's epochs to a trial that reuses it: what Optuna saw of it before, for the pruner."""
+    for row in record.get("val_per_epoch", []):
+        trial.report(float(row["val"][objective_metric(objective)]), row["epoch"])
+
+
+def tell_trial(study: optuna.Study, trial: optuna.Trial, tune: Tune, heading: str, log: Callable[[str], None],
+               record: dict | None = None, pruned: bool = False, reason: str | None = None,
+               reused: bool = False) -> None:
+    """Tell Optuna how a trial ended (its record's value, pruned, or failed for `reason`) and log one line."""
+    if pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"{heading}: pruned")
+    elif reason is not None:
+        trial.set_user_attr("reason", reason)  # a failure with a reason counts (counts()); a cut-off one has none
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"{heading}: failed: {reason}")
+    else:
+        value = objective_value(record, tune.spec.objective)
+        study.tell(trial, value)
+        log(f"{heading}: val {objective_metric(tune.spec.objective)} {value:.4f}"
+            + (" (stored result reused)" if reused else ""))
+
+
+def run_trial(study: optuna.Study, runner: TrialRunner, position: int, log: Callable[[str], None]) -> None:
+    """Ask, run (or reuse) and tell one trial."""
+    tune = runner.tune
+    trial, config, heading = ask_trial(study, tune, position)
+    metric = objective_metric(tune.spec.objective)
     reused = finished_record(runner.store, config)
 
     def report(epoch: int, record: dict) -> None:
         trial.report(float(record["val"][metric]), epoch)
         if trial.should_prune():
-            raise optuna.TrialPruned()
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-    trial.set_user_attr("cell_key", cell_key(config))
     try:
         if reused is not None:
-            for row in reused.get("val_per_epoch", []):  # what Optuna saw of it before, for the pruner
-                trial.report(float(row["val"][metric]), row["epoch"])
+            replay(trial, reused, tune.spec.objective)
             record = reused
         else:
             record = runner.run(config, report)
     except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        log(f"[trial {number + 1}/{tune.spec.trials}] {label}: pruned")
+        tell_trial(study, trial, tune, heading, log, pruned=True)
         return
     except TrialFailed as exc:
-        trial.set_user_attr("reason", str(exc))
-        study.tell(trial, state=TrialState.FAIL)
-        log(f"[trial {number + 1}/{tune.spec.trials}] {label}: failed: {exc}")
+        tell_trial(study, trial, tune, heading, log, reason=str(exc))
         return
-    value = objective_value(record, tune.spec.objective)
-    study.tell(trial, value)
-    log(f"[trial {number + 1}/{tune.spec.trials}] {label}: val {metric} {value:.4f}"
-        + (" (stored result reused)" if reused is not None else ""))
+    tell_trial(study, trial, tune, heading, log, record=record, reused=reused is not None)
 
 
 @dataclass
@@ -271,20 +330,34 @@ def run_tune(tune: Tune, store: ResultsStore, progress: bool | None = None, log:
     try:
         study = open_study(tune, log)
         runner = TrialRunner(tune, store, progress, load_model)
-        while (ended := sum(counts(t) for t in study.get_trials(deepcopy=False))) < tune.spec.trials:
-            run_trial(study, runner, ended, log)
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            raise PeftlabError(f"study {tune.name}: no trial completed (all pruned or failed); see {tune.storage}")
-        best = study.best_trial
-        final = trial_config(tune, best.params, FINAL_SETTINGS)
-        final.out = str(tune.out / "best-run")
-        record = finished_record(store, final) or runner.run(final)
-        from peftlab.experiments.tune_output import write_outputs
+        while (ended := ended_trials(study)) < tune.spec.trials:
+            run_trial(study, runner, ended, log)  # one after another, a trial's position is the trials ended
 
-        paths = write_outputs(tune, study, final, record)
-        return TuneOutcome(best.params, best.value, record, paths)
+        def run_final(config: RunConfig, params: dict) -> dict:
+            try:
+                return runner.run(config)
+            except TrialFailed as exc:
+                raise PeftlabError(f"the test run of the best trial's config ({config.out}) failed: {exc}") from None
+
+        return conclude(tune, study, store, run_final)
     finally:
         os.close(fd)
+
+
+def conclude(tune: Tune, study: optuna.Study, store: ResultsStore,
+             run_final: Callable[[RunConfig, dict], dict]) -> TuneOutcome:
+    """Run the best trial's config once with the test subset scored (unless the store holds that run), and
+    write the outputs."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise PeftlabError(f"study {tune.name}: no trial completed (all pruned or failed); see {tune.storage}")
+    best = study.best_trial
+    final = trial_config(tune, best.params, FINAL_SETTINGS)
+    final.out = str(tune.out / "best-run")
+    record = finished_record(store, final) or run_final(final, best.params)
+    from peftlab.experiments.tune_output import write_outputs
+
+    paths = write_outputs(tune, study, final, record)
+    return TuneOutcome(best.params, best.value, record, paths)
 
 
 def _fmt(value) -> str:

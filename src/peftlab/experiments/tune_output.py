@@ -48,7 +48,8 @@ def trials_table(study: optuna.Study, keys: list[str]) -> tuple[list[str], list[
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
         cut_off = t.state == optuna.trial.TrialState.FAIL and "reason" not in t.user_attrs
-        note = t.user_attrs.get("reason") or ("cut off by a kill, redone" if cut_off else "")
+        redo = f"redo of trial {t.user_attrs['redo_of']}" if "redo_of" in t.user_attrs else ""
+        note = t.user_attrs.get("reason") or ("cut off by a kill, redone" if cut_off else redo)
         rows.append([t.number, t.state.name, t.value, len(t.intermediate_values)] + [t.params.get(k) for k in keys]
                     + [t.user_attrs.get("cell_key"), seconds, note])
     return header, rows
