@@ -242,3 +242,36 @@ def test_a_trial_equal_to_a_finished_grid_cell_reuses_its_stored_result(tmp_path
     assert trial[2] == 9.5  # the stored val_nll: nothing was trained
     assert not (tmp_path / "out" / "trials").exists()
     assert json.loads((tmp_path / "out" / "best.json").read_text())["test"]["accuracy"] == 0.625
+
+
+# -- the tuned config beside the untuned one ---------------------------------------------------------
+def test_mcnemar_exact_matches_the_binomial_tail_by_hand():
+    from peftlab.evaluate.metrics import mcnemar_exact
+
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * (1 + 10) / 2 ** 10)   # 0.021484375
+    assert mcnemar_exact(1, 9) == mcnemar_exact(9, 1)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+
+
+def test_baseline_runs_the_untuned_config_beside_the_best_on_the_same_test_examples(tmp_path, tiny_model_dir,
+                                                                                     imdb_dir, one_torch_thread):
+    path = write_tune_yaml(tmp_path, tiny_model_dir, imdb_dir, trials=2, baseline=True)
+    assert main(["tune", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    base_run = tmp_path / "out" / "baseline-run"
+    config = yaml.safe_load((base_run / "config.yaml").read_text())
+    assert (config["train"]["lr"], config["method"]["lora_r"]) == (5e-4, 8)  # peftlab's defaults: nothing searched
+    assert best["baseline"]["params"] == {"train.lr": 5e-4, "method.lora_r": 8}
+    assert config["train"]["score_test"] is True and config["train"]["select_on"] == "val"
+    # the paired counts, recounted from the two runs' predictions
+    rows = {name: {r["id"]: r["correct"] for r in map(json.loads, (tmp_path / "out" / name / "predictions.jsonl")
+                                                           .read_text().splitlines())}
+            for name in ("best-run", "baseline-run")}
+    tuned, untuned = rows["best-run"], rows["baseline-run"]
+    assert set(tuned) == set(untuned) and len(tuned) == 8
+    paired = best["paired"]
+    assert paired["only_best_correct"] == sum(tuned[i] and not untuned[i] for i in tuned)
+    assert paired["only_baseline_correct"] == sum(untuned[i] and not tuned[i] for i in tuned)
+    assert paired["difference"] == pytest.approx((sum(tuned.values()) - sum(untuned.values())) / 8)
+    assert "McNemar exact p" in (tmp_path / "out" / "trials.md").read_text()

@@ -17,6 +17,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value for two classifiers scored on the same examples: `only_a` examples
+    only the first got right, `only_b` only the second (the binomial test of the discordant pairs at 1/2;
+    McNemar 1947, Edwards 1948). 1.0 when they never disagree."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2 ** n)  # Python integers: exact for any n
+
+
 def classification_metrics(gold: list[int], pred: list[int], classes: list[str]) -> dict:
     """accuracy, ci95, n, per_class {class: precision, recall, f1, support}, confusion[gold][pred]."""
     k = len(classes)

@@ -37,6 +37,9 @@ class TuneSpec:
                       "fed each epoch's validation value")
     objective: str = opt("val_accuracy", "val_accuracy (maximised) or val_nll (minimised), of the epoch the "
                          "run selects on the validation split")
+    baseline: bool = opt(False, "also run the config without the search (searched keys at the YAML's or "
+                         "peftlab's defaults) with the test subset scored, so that best.json sets the tuned "
+                         "config beside the untuned one on the same test examples, with a paired McNemar test")
     study: str | None = opt(None, "name of the Optuna study (default: the YAML file's stem)")
     storage: str | None = opt(None, "SQLite file of the study (default: <out>/study.sqlite3); watch it with "
                               "optuna-dashboard sqlite:///<file>")
@@ -48,6 +51,8 @@ class TuneSpec:
                                     ("objective", self.objective, OBJECTIVES)):
             if value not in choices:
                 raise PeftlabError(f"tune.{key}={value!r} is not one of {', '.join(choices)}")
+        if not isinstance(self.baseline, bool):
+            raise PeftlabError(f"tune.baseline={self.baseline!r} must be true or false")
         if not isinstance(self.startup_trials, int) or self.startup_trials < 0:
             raise PeftlabError(f"tune.startup_trials={self.startup_trials!r} must be a whole number >= 0")
 

@@ -337,7 +337,7 @@ def run_tune(tune: Tune, store: ResultsStore, progress: bool | None = None, log:
             try:
                 return runner.run(config)
             except TrialFailed as exc:
-                raise PeftlabError(f"the test run of the best trial's config ({config.out}) failed: {exc}") from None
+                raise PeftlabError(f"the test run {config.out} failed: {exc}") from None
 
         return conclude(tune, study, store, run_final)
     finally:
@@ -354,9 +354,15 @@ def conclude(tune: Tune, study: optuna.Study, store: ResultsStore,
     final = trial_config(tune, best.params, FINAL_SETTINGS)
     final.out = str(tune.out / "best-run")
     record = finished_record(store, final) or run_final(final, best.params)
+    baseline = None
+    if tune.spec.baseline:  # the search's worth: the untuned config on the same test examples
+        untuned = trial_config(tune, {}, FINAL_SETTINGS)
+        untuned.out = str(tune.out / "baseline-run")
+        baseline = record if cell_key(untuned) == cell_key(final) else (
+            finished_record(store, untuned) or run_final(untuned, {}))
     from peftlab.experiments.tune_output import write_outputs
 
-    paths = write_outputs(tune, study, final, record)
+    paths = write_outputs(tune, study, final, record, baseline)
     return TuneOutcome(best.params, best.value, record, paths)
 
 

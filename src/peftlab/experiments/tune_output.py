@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from peftlab.config import RunConfig, dump_yaml
 from peftlab.records import atomic_write_text, write_json
 
 
-def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict) -> dict[str, Path]:
-    """best.yaml (runs with `peftlab train --config`), trials table, plots, and best.json (the final run)."""
+def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict, baseline: dict | None = None
+                  ) -> dict[str, Path]:
+    """best.yaml (runs with `peftlab train --config`), trials table, plots, and best.json (the final run and,
+    with `baseline`, the untuned config's run beside it)."""
     out = tune.out
     out.mkdir(parents=True, exist_ok=True)
     best = study.best_trial
@@ -25,10 +28,16 @@ def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict) -> 
               f"{best.value:.4f}; test accuracy of this config {record.get('accuracy', float('nan')):.4f} "
               f"(run {final.out})\n")
     atomic_write_text(out / "best.yaml", header + dump_yaml(runnable))
-    write_json(out / "best.json", {"trial": best.number, "params": best.params, "objective": tune.spec.objective,
-                                   "value": best.value, "test": {k: record.get(k) for k in
-                                   ("accuracy", "ci95", "n", "macro_f1", "nll", "ece", "brier", "auroc")},
-                                   "val": record.get("val"), "run": final.out, "study": tune.url})
+    test_keys = ("accuracy", "ci95", "n", "macro_f1", "nll", "ece", "brier", "auroc")
+    summary = {"trial": best.number, "params": best.params, "objective": tune.spec.objective, "value": best.value,
+               "test": {k: record.get(k) for k in test_keys}, "val": record.get("val"), "run": final.out,
+               "study": tune.url}
+    if baseline is not None:
+        summary["baseline"] = {"params": {k: _get(baseline.get("config", {}), k) for k in tune.space},
+                               "test": {k: baseline.get(k) for k in test_keys}, "val": baseline.get("val"),
+                               "run": baseline.get("out")}
+        summary["paired"] = paired_comparison(record, baseline)
+    write_json(out / "best.json", summary)
     header_row, rows = trials_table(study, list(tune.space))
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header_row] + rows)
@@ -36,9 +45,55 @@ def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict) -> 
     md = ["| " + " | ".join(header_row) + " |", "|" + "---|" * len(header_row)]
     md += ["| " + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r)
            + " |" for r in rows]
+    if baseline is not None:
+        md += ["", baseline_line(summary)]
     atomic_write_text(out / "trials.md", "\n".join(md) + "\n")
     return {"best_yaml": out / "best.yaml", "trials_csv": out / "trials.csv", "trials_md": out / "trials.md",
             **write_plots(study, out / "plots")}
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def paired_comparison(best: dict, baseline: dict) -> dict:
+    """The tuned and the untuned run on the same test examples (their predictions.jsonl): the accuracy
+    difference, the examples only one of them gets right, and McNemar's exact p-value."""
+    from peftlab.evaluate.metrics import mcnemar_exact
+
+    def correct(record: dict) -> dict | None:
+        path = Path(record.get("out") or "") / "predictions.jsonl"
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {row["id"]: bool(row["correct"]) for row in rows}
+
+    a, b = correct(best), correct(baseline)
+    out = {"difference": best["accuracy"] - baseline["accuracy"]}
+    if a is None or b is None or set(a) != set(b):
+        return {**out, "note": "no paired test: the two runs' predictions are missing or not of the same examples"}
+    only_best = sum(a[i] and not b[i] for i in a)
+    only_baseline = sum(b[i] and not a[i] for i in a)
+    return {**out, "n": len(a), "only_best_correct": only_best, "only_baseline_correct": only_baseline,
+            "mcnemar_p": mcnemar_exact(only_best, only_baseline)}
+
+
+def baseline_line(summary: dict) -> str:
+    """The tuned config beside the untuned one, in one markdown line."""
+    def acc(part: dict) -> str:
+        t = part["test"]
+        return f"{100 * t['accuracy']:.2f} % ({100 * t['ci95'][0]:.1f}-{100 * t['ci95'][1]:.1f})"
+
+    paired = summary["paired"]
+    test = (f"McNemar exact p = {paired['mcnemar_p']:.3g} ({paired['only_best_correct']} reviews only the tuned "
+            f"config gets right, {paired['only_baseline_correct']} only the untuned)" if "mcnemar_p" in paired
+            else paired["note"])
+    return (f"Test accuracy: tuned (trial {summary['trial']}) {acc(summary)} against untuned "
+            f"({', '.join(f'{k}={v}' for k, v in summary['baseline']['params'].items())}) {acc(summary['baseline'])}: "
+            f"{100 * paired['difference']:+.2f} points; {test}.")
 
 
 def trials_table(study: optuna.Study, keys: list[str]) -> tuple[list[str], list[list]]:

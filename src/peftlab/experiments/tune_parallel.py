@@ -253,7 +253,7 @@ class ParallelSearch:
             self.step()
         self.raise_bug()
         if self.final.status != "finished":
-            raise PeftlabError(f"the test run of the best trial's config ({config.out}) failed: {self.final.reason}")
+            raise PeftlabError(f"the test run {config.out} failed: {self.final.reason}")
         return self.final.record
 
     def raise_bug(self) -> None:
