@@ -250,7 +250,11 @@ def test_a_killed_driver_leaves_its_trials_to_be_redone_once(tmp_path, tiny_mode
     assert len(counted) == 4 and all(t.state.name != "FAIL" or t.number in cut for t in trials)
     for number in cut:  # each cut-off trial is FAIL (not counted), and its parameters ran once more
         assert trials[number].state.name == "FAIL" and "reason" not in trials[number].user_attrs
-        [redo] = [t for t in trials if t.user_attrs.get("redo_of") == number]
+        redos = [t for t in trials if t.user_attrs.get("redo_of") == number]
+        if len(trials[number].params) < 2:  # killed between asking the trial and drawing its parameters:
+            assert not redos                # nothing of it ran, and there is nothing to redo
+            continue
+        [redo] = redos
         assert redo in counted and redo.params == trials[number].params
     keys = [t.user_attrs["cell_key"] for t in counted]
     assert len(set(keys)) == 4
