@@ -20,14 +20,14 @@ def review(rng: random.Random, positive: bool, length: int = 30) -> str:
     return " ".join(words).capitalize() + "."
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(extra_corpus: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from peftlab.prompts.templates import ALPACA, IMDB_INSTRUCTION
 
     corpus = [ALPACA, IMDB_INSTRUCTION, "positive negative neutral good bad Answer:"] + \
-        [" ".join(WORDS_POS + WORDS_NEG + FILLER)] * 5
+        [" ".join(WORDS_POS + WORDS_NEG + FILLER)] * 5 + list(extra_corpus)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

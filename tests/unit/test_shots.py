@@ -119,3 +119,20 @@ def test_training_with_fixed_shots_shares_the_demonstrations_in_each_batch_prefi
     shared = batch_loss(lora, rows, gold, 2, tok.pad_token_id, 0, "lm", prefix_ids=prefix_ids)
     plain = batch_loss(lora, rows, gold, 2, tok.pad_token_id, 0, "lm", prefix_ids=None)
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "per-example"])
+def test_k_shot_ids_are_the_tokenisation_of_the_prompt_text(imdb_dir, mode):
+    """The blank line after each demonstration is tokenised as it stands before the next template. A tokenizer
+    with one token for a lone "\\n\\n" (SmolLM2's) split it differently mid-text, so peftlab's k-shot ids were not
+    the tokenisation of their own text, which lm-evaluation-harness scores (bench/kshot_bench.py)."""
+    from tests.conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(extra_corpus=("the end\n\n",) * 5)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert len(ids("\n\n")) == 1 and len(ids("\n\nBelow")) > 1 + len(ids("Below"))  # the case this test is about
+    splits = load_splits(DataConfig(source=str(imdb_dir)))
+    enc = build_prompt_encoder(tok, PromptConfig(max_input_tokens=512, shots=3, shots_mode=mode), CLASSES, True,
+                               splits.train, data_seed=0)
+    for e in enc.encode(splits.test[:4], tok):
+        assert ids(tok.decode(e.prompt_ids)) == e.prompt_ids
