@@ -155,7 +155,8 @@ def main() -> None:
             preds = torch.tensor(rs[0]["scores"]).argmax(1).tolist()
             sides[name] = {"seconds": [r["seconds"] for r in rs], "tokens_per_s": prompt_tokens / seconds,
                            "reviews_per_s": len(gold) / seconds, "input_tokens": rs[0]["input_tokens"],
-                           "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(gold)}
+                           "accuracy": sum(p == g for p, g in zip(preds, gold)) / len(gold),
+                           "predicted": {w: preds.count(c) for c, w in enumerate(enc.label_words)}}
         sides["lm-eval"]["own_prompt_tokens"] = theirs["prompt_tokens"]
         sides["lm-eval"]["setup_seconds"] = theirs["setup_seconds"]
         sides["peftlab"]["shared_prefix_tokens"] = ours["shared_prefix_tokens"]
