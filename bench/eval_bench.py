@@ -26,21 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.peers.prompt_text import prompt_texts  # noqa: E402
 from peftlab.config import build_config  # noqa: E402
 from peftlab.evaluate.scoring import build_rows, score_examples  # noqa: E402
 from peftlab.models import load_base_model  # noqa: E402
 from peftlab.repro import hardware  # noqa: E402
 from peftlab.runs import load_task  # noqa: E402
-
-
-def prompt_texts(task, tokenizer) -> list[str]:
-    """The peers get text: the same template around the review cut to the same token budget."""
-    enc = task.encoder
-    out = []
-    for ex in task.test:
-        ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
-        out.append(enc.prefix_text + tokenizer.decode(enc.truncate(ids)) + enc.suffix_text)
-    return out
 
 
 def run_peftlab(model, tokenizer, task, batch_size: int) -> dict:
@@ -71,7 +62,7 @@ def main() -> None:
     model, tokenizer = load_base_model(cfg.model)
     task = load_task(cfg, tokenizer, n_train=0)
     gold = [task.encoder.classes.index(e.label) for e in task.test]
-    prompts = prompt_texts(task, tokenizer)
+    prompts = prompt_texts(task.encoder, task.test, tokenizer)  # the peers get text: the same prompts
     words = task.encoder.label_words
     results: dict[str, dict] = {}
 

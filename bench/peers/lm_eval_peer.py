@@ -63,7 +63,7 @@ def predict_with_lm_eval(
     """Argmax over label words of lm-eval ``HFLM.loglikelihood``.
 
     Returns ``{"preds", "scores", "is_greedy", "seconds", "setup_seconds",
-    "prompt_tokens", "input_tokens"}``:
+    "prompt_tokens", "input_tokens", "sequences", "max_length"}``:
 
     * ``scores[k][i]``: summed log-prob of ``label_words[i]`` after ``prompts[k]``
       as lm-eval computes it (its continuation also carries the prompt's
@@ -72,7 +72,11 @@ def predict_with_lm_eval(
       ``setup_seconds``: building the ``HFLM`` wrapper;
     * ``prompt_tokens``: real prompt tokens (``HFLM.tok_encode``), summed over prompts;
     * ``input_tokens``: tokens lm-eval actually feeds the model, after its
-      one-forward-per-shared-prefix grouping.
+      one-forward-per-shared-prefix grouping;
+    * ``sequences[k][i]``: the token ids lm-eval scores for ``label_words[i]`` after
+      ``prompts[k]`` (context + continuation, as ``_encode_pair`` splits them), so a
+      caller can check that lm-eval saw the ids it meant (bench/kshot_bench.py);
+    * ``max_length``: lm-eval's window; longer sequences are cut from the left.
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -92,11 +96,13 @@ def predict_with_lm_eval(
             out = lm.loglikelihood(requests, disable_tqdm=quiet)
         # token accounting outside the timed region
         prompt_tokens = sum(len(lm.tok_encode(p)) for p in prompts)
-        groups = set()
+        groups, sequences = set(), []
         for req in requests:
             ctx, cont = lm._encode_pair(*req.args)
             groups.add(tuple(ctx + cont[:-1]))
+            sequences.append(ctx + cont)
         input_tokens = sum(len(g) for g in groups)
+        max_length = lm.max_length
     finally:
         lm_logger.setLevel(old_level)
         if old_pad is None and tokenizer.pad_token is not None:
@@ -116,4 +122,6 @@ def predict_with_lm_eval(
         "setup_seconds": setup.seconds,
         "prompt_tokens": prompt_tokens,
         "input_tokens": input_tokens,
+        "sequences": [sequences[k * n:(k + 1) * n] for k in range(len(prompts))],
+        "max_length": max_length,
     }
