@@ -24,7 +24,7 @@ from peftlab.config import EvalConfig, build_config
 from peftlab.data.sampling import balanced_sample
 from peftlab.evaluate.calibration import SCORE_NORMS, decide, fit_prior, normalise_scores
 from peftlab.evaluate.metrics import classification_metrics
-from peftlab.evaluate.scoring import build_rows, score_examples
+from peftlab.evaluate.scoring import build_rows, read_ids, score_examples
 from peftlab.models import load_base_model
 from peftlab.repro import cpuinfo_field, git_commit, hardware
 from peftlab.runs import load_task
@@ -37,21 +37,30 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--n-val", type=int, default=40)
     parser.add_argument("--shots", type=int, default=0)
+    parser.add_argument("--adapter", help="a trained adapter folder (peftlab train's adapter/): its decisions "
+                        "instead of the base model's zero-shot ones")
     parser.add_argument("--dtype", default="auto", help="model.dtype (auto: bf16 where the CPU computes it fast)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cfg = build_config({"data.source": args.data, "data.labels": args.labels, "data.n_train": 0,
                         "data.n_test": args.n_test, "model.dtype": args.dtype, "prompt.shots": args.shots})
     model, tok = load_base_model(cfg.model)
+    if args.adapter:
+        from peftlab.models.methods import load_adapter
+
+        model = load_adapter(model, args.adapter)
     task = load_task(cfg, tok)
     enc, k = task.encoder, len(task.encoder.classes)
-    score = lambda rows: score_examples(model, rows, k, tok.pad_token_id, 0, progress=False)  # noqa: E731
+    from peftlab.models.methods import position_offset
+
+    offset = position_offset(model)  # virtual tokens of a prompt-learning adapter shift every position
+    score = lambda rows: score_examples(model, rows, k, tok.pad_token_id, offset, progress=False)  # noqa: E731
     start = time.perf_counter()
     test = enc.encode(task.test, tok)
-    raw = score(build_rows(test, enc.label_ids))
+    raw = score(build_rows(test, read_ids(model, enc.label_ids)))
     val_examples = balanced_sample(task.splits.train, args.n_val, task.splits.classes, 0, "val")
     val = enc.encode(val_examples, tok)
-    val_raw = score(build_rows(val, enc.label_ids)).scores
+    val_raw = score(build_rows(val, read_ids(model, enc.label_ids))).scores
     cached = {}
 
     def score_rows(rows):  # the content-free inputs, scored once and reused by every setting
