@@ -189,13 +189,14 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None, out: s
     if grid != full_grid:  # one value of a grid key runs; the store still records the whole table
         members = expand_grid(base, full_grid, root, str(path), cases)
         members += [c for c in cells if c.key not in {m.key for m in members}]
-        axes = {k: _unique_values([*full_grid[k], *(c.params[k] for c in cells)]) for k in grid}
+        axes = {k: unique_values([*full_grid[k], *(c.params[k] for c in cells)]) for k in grid}
     axes = case_axes(cases, axes) if cases is not None else axes
     check_layout(spec, axes, str(path))
     return Sweep(name=name, source=str(path), spec=spec, grid=axes, out=root, cells=cells, ray=ray, members=members)
 
 
-def _unique_values(values) -> list:
+def unique_values(values) -> list:
+    """The values in first-seen order, each once (values may be unhashable: lists, mappings)."""
     out = []
     for v in values:
         if v not in out:

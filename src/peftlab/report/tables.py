@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from peftlab.evaluate.metrics import wilson_interval
-from peftlab.experiments.grid import SweepSpec, format_value, short_name, table_axes
+from peftlab.experiments.grid import SweepSpec, format_value, short_name, table_axes, unique_values
 from peftlab.experiments.store import ResultsStore, StoredCell, StoredSweep
 from peftlab.report.study import STUDY, StudyTable, guess_study_table, study_model_label
 
@@ -140,8 +140,8 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
         facets.setdefault(tuple(value_of(cell, k) for k in others), []).append(cell)
     tables = []
     for facet_values, group in facets.items():
-        rows = _unique(value_of(c, row_key) for c in group)
-        cols = _unique(value_of(c, col_key) for c in group) if col_key else [None]
+        rows = unique_values(value_of(c, row_key) for c in group)
+        cols = unique_values(value_of(c, col_key) for c in group) if col_key else [None]
         entries = {(r, c): Entry() for r in rows for c in cols}
         for cell in group:
             entry = entries[(value_of(cell, row_key), value_of(cell, col_key) if col_key else None)]
@@ -191,14 +191,6 @@ def chosen_on_val(table: Table) -> Table | None:
     return twin
 
 
-def _unique(values) -> list:
-    out = []
-    for v in values:
-        if v not in out:
-            out.append(v)
-    return out
-
-
 def overlap_marks(rows: list, cols: list, interval) -> dict:
     """(row, col) -> marks for intervals that overlap the left or upper neighbour's."""
     def overlaps(a, b):
@@ -226,7 +218,7 @@ PROTOCOL_NOTES = {"test": "epoch selected on test: optimistic (the test subset c
 
 def protocol_note(table: Table) -> str | None:
     """Which protocol chose the epochs of a table's cells, in words; None for zero-shot tables."""
-    protocols = _unique(r.get("selected_on", "test") for e in table.entries.values() for r in e.records
+    protocols = unique_values(r.get("selected_on", "test") for e in table.entries.values() for r in e.records
                         if "best_epoch" in r)
     if not protocols:
         return None
