@@ -270,7 +270,10 @@ def run_experiment_command(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if "." in k or k == "adapter"}
     sweep = load_sweep(args.sweep_config, overrides, out=getattr(args, "out", None))
-    sweep.command = sweep_command(args.sweep_config, overrides, sweep.out, args.store)
+    # The store records the whole table (grid.Sweep.members), so the command kept with it runs the whole table:
+    # a flag that runs one value of a grid key (`--n-train 500`, one row) is left out of it.
+    sweep.command = sweep_command(args.sweep_config, {k: v for k, v in overrides.items() if k not in sweep.grid},
+                                  sweep.out, args.store)
     if args.dry_run:
         from peftlab.experiments.estimate import estimate_sweep, format_estimates
 

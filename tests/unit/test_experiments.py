@@ -427,3 +427,14 @@ def test_a_sweep_run_one_row_at_a_time_keeps_the_whole_table(tmp_path, sweep_yam
         assert table.rows == [8, 16, 12] and sum(c.status == "finished" for c in store.cells("tiny")) == 5
     dry = load_sweep(sweep_yaml, {"data.n_train": "16"})
     assert [c.params["data.n_train"] for c in dry.cells] == [16, 16] and len(dry.members) == 4
+
+
+def test_the_command_kept_for_a_table_run_row_by_row_runs_the_whole_table(tmp_path, sweep_yaml):
+    store_path = tmp_path / "r.sqlite"
+    argv = ["sweep", str(sweep_yaml), "--n-train", "8", "--lora-dropout", "0.0", "--n-test", "8",
+            "--store", str(store_path), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 0
+    with ResultsStore(store_path) as store:
+        [sweep] = store.sweeps()
+    assert "--n-test 8" in sweep.command                          # an override of every cell stays
+    assert "--n-train" not in sweep.command and "--lora-dropout" not in sweep.command  # the row's flags do not
