@@ -222,3 +222,16 @@ def test_calibration_columns_and_reliability_diagram_come_from_the_cell_records(
     pooled = pooled_bins([cells[0][1], cells[1][1]])
     assert pooled["count"][13] == 1 and pooled["count"][10] == 1 and sum(pooled["count"]) == 2
     assert pooled["accuracy"][10] == 0.0 and pooled["confidence"][13] == pytest.approx(.9)
+
+
+def test_the_study_models_join_a_zero_shot_table_of_models_but_not_a_table_of_k_shot_prompts(tmp_path):
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        zero = record(0.6055, 0, 0.0)
+        add_sweep(store, "zero-shot", {}, [({}, zero)])
+        shots = [({"prompt.shots": k}, dict(record(acc, 0, 0.0), config={**zero["config"], "prompt": {"shots": k}}))
+                 for k, acc in ((0, 0.6055), (4, 0.5))]
+        add_sweep(store, "shots", {"prompt.shots": [0, 4]}, shots)
+        tables = {t.sweep: t for t in build_tables(store)}
+    assert tables["zero-shot"].rows == ["smollm2", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf",
+                                        "meta-llama/Llama-2-70b-hf"]                # the study's three beside ours
+    assert tables["shots"].study is None and tables["shots"].rows == [0, 4]          # k rows, no LLaMA rows

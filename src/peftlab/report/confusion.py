@@ -23,7 +23,10 @@ def describe_cell(record: dict) -> str:
     """The settings that tell the best cell apart: N, method, normalisation and calibration."""
     config = record.get("config", {})
     data, method, evaluate = config.get("data", {}), config.get("method", {}), config.get("eval", {})
-    return (f"{method.get('method', '?')} N={data.get('n_train', '?')}, {record.get('n', '?')} test examples, "
+    run = "zero-shot" if data.get("n_train") == 0 else f"{method.get('method', '?')} N={data.get('n_train', '?')}"
+    shots = config.get("prompt", {}).get("shots") or 0
+    run += f", {shots}-shot" if shots else ""
+    return (f"{run}, {record.get('n', '?')} test examples, "
             f"accuracy {100 * record['accuracy']:.1f} %, macro-F1 {100 * record.get('macro_f1', 0):.1f} %")
 
 

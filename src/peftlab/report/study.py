@@ -59,9 +59,11 @@ def guess_study_table(method: str, n_train, row_key: str, col_key: str | None) -
         return "prompt-tuning"
     if row_key == "data.n_train" and col_key == "method.lora_dropout" and method == "lora":
         return "lora"
-    if col_key is None and n_train == 0:
+    # The study's zero-shot and maximize tables have one row per model: ours joins them only as model rows
+    # (a table of k-shot prompts, say, is no model comparison).
+    if col_key is None and n_train == 0 and row_key == "model.name":
         return "zero-shot"
-    if col_key is None and n_train is None and method == "lora":
+    if col_key is None and n_train is None and method == "lora" and row_key == "model.name":
         return "maximize"
     return None
 
