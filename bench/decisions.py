@@ -26,6 +26,7 @@ from peftlab.evaluate.calibration import SCORE_NORMS, decide, fit_prior, normali
 from peftlab.evaluate.metrics import classification_metrics
 from peftlab.evaluate.scoring import build_rows, read_ids, score_examples
 from peftlab.models import load_base_model
+from peftlab.models.methods import load_adapter, position_offset
 from peftlab.repro import cpuinfo_field, git_commit, hardware
 from peftlab.runs import load_task
 
@@ -46,13 +47,9 @@ def main() -> None:
                         "data.n_test": args.n_test, "model.dtype": args.dtype, "prompt.shots": args.shots})
     model, tok = load_base_model(cfg.model)
     if args.adapter:
-        from peftlab.models.methods import load_adapter
-
         model = load_adapter(model, args.adapter)
     task = load_task(cfg, tok)
     enc, k = task.encoder, len(task.encoder.classes)
-    from peftlab.models.methods import position_offset
-
     offset = position_offset(model)  # virtual tokens of a prompt-learning adapter shift every position
     score = lambda rows: score_examples(model, rows, k, tok.pad_token_id, offset, progress=False)  # noqa: E731
     start = time.perf_counter()

@@ -83,7 +83,7 @@ class Run:
             metrics, predictions, _ = evaluate_examples(model, self.tokenizer, self.task.encoder, examples,
                                                         self.config, progress=self.progress, desc=desc,
                                                         cluster=self.cluster, val_offsets=offsets, journal=journal,
-                                                        stop=self.stop if journal is not None else None)
+                                                        stop=self.stop)
         return metrics, predictions
 
     def journal(self, model, examples: list[Example], desc: str) -> ScoreJournal:
@@ -159,7 +159,8 @@ def evaluate_examples(model, tokenizer, encoder: PromptEncoder, examples: list[E
                       val_offsets=None, journal=None, stop=None) -> tuple[dict, list[dict], ScoreResult]:
     """Score the examples and return (metrics, predictions, raw scores); with several processes each
     scores its share and all receive all scores (peftlab.distributed). With a `journal`
-    (records.ScoreJournal; one process), finished batches are kept and reused by a resumed evaluation."""
+    (records.ScoreJournal; one process), finished batches are kept and reused by a resumed evaluation, and
+    `stop` (train.preemption.StopRequest) ends it between batches."""
     encoded = encoder.encode(examples, tokenizer)
     rows = build_rows(encoded, read_ids(model, encoder.label_ids))
     n_classes, offset = len(encoder.classes), position_offset(model)

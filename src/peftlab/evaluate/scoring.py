@@ -312,6 +312,15 @@ class ScoreResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+class EvaluationStopped(Exception):
+    """An evaluation saw a stop request between two batches (its finished batches are in the run's journal);
+    the training loop saves the epoch's checkpoint and turns it into train.preemption.Preempted."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"evaluation stopped by {signal_name}")
+        self.signal_name = signal_name
+
+
 @torch.inference_mode()
 def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, offset: int,
                    max_examples: int = 16, max_tokens: int = 8192, progress: bool = True,
@@ -324,8 +333,6 @@ def score_examples(model, rows: list[list[Row]], n_classes: int, pad_id: int, of
     before, so the scores are too. With `stop` (train.preemption.StopRequest), a stop request raises
     EvaluationStopped between two batches.
     """
-    from peftlab.train.preemption import EvaluationStopped
-
     from tqdm.auto import tqdm
 
     was_training = model.training

@@ -153,7 +153,8 @@ def format_estimates(sweep: Sweep, estimates: list[CellEstimate], store_path) ->
     header = ["#", "cell", "status"] + [short_name(k) for k in keys] + ["train tok", "eval tok", "est. time"]
     rows = []
     for i, est in enumerate(estimates, start=1):
-        rows.append([str(i), est.cell.key, est.status] + [format_value(est.cell.params[k]) if k in est.cell.params else "-" for k in keys] +
+        values = [format_value(est.cell.params[k]) if k in est.cell.params else "-" for k in keys]  # cases differ
+        rows.append([str(i), est.cell.key, est.status] + values +
                     [_tokens(est.train_tokens), _tokens(est.eval_tokens), _duration(est.seconds)])
     widths = [max(len(r[j]) for r in rows + [header]) for j in range(len(header))]
     lines = [f"sweep {sweep.name} ({sweep.source}): {len(estimates)} cell{'s' * (len(estimates) != 1)} -> "

@@ -311,8 +311,7 @@ def case_axes(cases: dict[str, dict], grid: dict[str, list]) -> dict[str, list]:
     axes: dict[str, list] = {"case": list(cases)}
     for case in cases.values():
         for key, values in _case_split(case)[1].items():
-            axes.setdefault(key, [])
-            axes[key] += [v for v in values if v not in axes[key]]
+            axes[key] = unique_values([*axes.get(key, []), *values])
     return {**axes, **grid}
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import optuna
 
-from peftlab.config import RunConfig, dump_yaml
-from peftlab.records import atomic_write_text, write_json
+from peftlab.config import RunConfig, dotted, dump_yaml
+from peftlab.records import RunFolder, atomic_write_text, write_json
 
 
 def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict, baseline: dict | None = None
@@ -33,7 +33,7 @@ def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict, bas
                "test": {k: record.get(k) for k in test_keys}, "val": record.get("val"), "run": final.out,
                "study": tune.url}
     if baseline is not None:
-        summary["baseline"] = {"params": {k: _get(baseline.get("config", {}), k) for k in tune.space},
+        summary["baseline"] = {"params": {k: dotted(baseline.get("config", {})).get(k) for k in tune.space},
                                "test": {k: baseline.get(k) for k in test_keys}, "val": baseline.get("val"),
                                "run": baseline.get("out")}
         summary["paired"] = paired_comparison(record, baseline)
@@ -52,20 +52,13 @@ def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict, bas
             **write_plots(study, out / "plots")}
 
 
-def _get(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def paired_comparison(best: dict, baseline: dict) -> dict:
     """The tuned and the untuned run on the same test examples (their predictions.jsonl): the accuracy
     difference, the examples only one of them gets right, and McNemar's exact p-value."""
     from peftlab.evaluate.metrics import mcnemar_exact
 
     def correct(record: dict) -> dict | None:
-        path = Path(record.get("out") or "") / "predictions.jsonl"
+        path = RunFolder(Path(record.get("out") or "")).predictions_file
         if not path.is_file():
             return None
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -19,10 +19,11 @@ import torch
 from peftlab.config import TrainConfig
 from peftlab.distributed import SINGLE, Cluster
 from peftlab.errors import PeftlabError
-from peftlab.evaluate.scoring import Row, example_length, example_scores, prefix_cache, shareable_prefix
+from peftlab.evaluate.scoring import (EvaluationStopped, Row, example_length, example_scores, prefix_cache,
+                                      shareable_prefix)
 from peftlab.models.methods import position_offset
 from peftlab.train.checkpoint import Checkpoints, Position
-from peftlab.train.preemption import EvaluationStopped, Preempted, StopRequest
+from peftlab.train.preemption import Preempted, StopRequest
 
 
 class TrainingDiverged(PeftlabError):

@@ -2,8 +2,9 @@
 
 Clusters preempt jobs with SIGTERM and a grace period (Slurm, Kubernetes, spot instances). Inside
 `stop_requests()` such a signal only sets a flag; the training loop looks at it after each optimiser
-step and at each epoch end, and the epoch's evaluations between two batches (their finished batches are
-journalled, so a 2000-review test pass is not waited for or redone), saves a checkpoint and raises `Preempted`. The CLI then exits with
+step and at each epoch end, and the epoch's evaluations between two batches (evaluate.scoring's
+EvaluationStopped; their finished batches are journalled, so a 2000-review test pass is neither waited
+for nor redone), saves a checkpoint and raises `Preempted`. The CLI then exits with
 EXIT_PREEMPTED, so that a scheduler can requeue the same command with `--resume`. A second Ctrl-C
 interrupts at once, as a user pressing it twice expects.
 """
@@ -26,15 +27,6 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signal_name} at epoch {epoch}, optimiser step {step}, after saving a "
                          "checkpoint; run the same command with --resume to continue")
         self.signal_name, self.epoch, self.step = signal_name, epoch, step
-
-
-class EvaluationStopped(Exception):
-    """An evaluation inside training saw a stop request between two batches (its finished batches are in
-    the run's journal); the training loop saves the epoch's checkpoint and turns it into Preempted."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(f"evaluation stopped by {signal_name}")
-        self.signal_name = signal_name
 
 
 @dataclass
