@@ -349,7 +349,9 @@ def plan_line(run: Run, peft_model, objective: Objective) -> str:
     scored = scored_examples(run.config, len(run.task.test), trains=True, n_val=len(run.task.val))
     examples = (f"{len(run.task.train)} training examples x {run.config.train.epochs} epochs, "
                 f"{len(run.task.val)} validation, {len(run.task.test)} test (epoch chosen: {run.config.train.select_on})")
-    return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples)
+    return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples,
+                    tokens_per_row=round(mean), batch_size=run.config.train.batch_size,
+                    gradient_checkpointing=run.config.train.gradient_checkpointing)
 
 
 def epoch_evaluator(run: Run, peft_model, best: BestEpoch, params: dict, on_epoch) -> Callable[[EpochRecord], dict]:

@@ -184,47 +184,62 @@ def _duration(seconds: float) -> str:
 
 
 # --- The plan a single run prints before it starts ----------------------------------------------------
-# Shares of the GEMM ceiling that peftlab reached on SmolLM2 (bench/RESULTS.md, 2-core Zen 5, bf16):
-# evaluation 69-76 %, training 52-65 % of a ceiling that counts a training token as two forward passes.
-EVAL_SHARE, TRAIN_SHARE = 0.7, 0.55
+# The speeds come from timing the model itself, not from a matrix-multiply probe scaled by a fixed share:
+# on AMX machines matrix products are so fast that attention, norms and the backward's bookkeeping are most
+# of the time, and a GEMM-based figure was ~3x too optimistic (results/study/README.md, "Weak").
+PROBE_TOKENS = 256
 
 
-def gemm_gflops(model, seconds: float = 0.15) -> float:
-    """This machine's matrix-multiply speed at the model's own width, dtype and thread count (a quick probe)."""
+def probe_speeds(model, tokens: int, batch_size: int = 1) -> tuple[float, float]:
+    """(scoring tok/s, training tok/s) of `model` as it stands (adapter attached), timed on one batch of
+    constant ids: a forward pass without gradients, then a forward and backward pass with them.
+
+    Eval mode, so dropout draws nothing from the run's RNG; `torch.autograd.grad`, so no `.grad` is left
+    on the trainable parameters. The logits are kept at one position per row, as scoring and training
+    keep them at the label's positions only. On a CPU one row is timed (a 7B model's probe stays in
+    seconds); on a GPU the run's batch, since a GPU's speed depends on it.
+    """
     import time
 
     import torch
 
     param = next(model.parameters())
-    hidden = getattr(model.config, "hidden_size", 576)
-    inner = getattr(model.config, "intermediate_size", 4 * hidden)
-    # Constant operands: drawing random ones would move the torch RNG, and with it the run's dropout masks.
-    a = torch.full((256, hidden), 0.5, dtype=param.dtype, device=param.device)
-    b = torch.full((hidden, inner), 0.25, dtype=param.dtype, device=param.device)
-    a @ b  # warm-up: the first call picks kernels
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    if param.device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 256 * hidden * inner * reps / (time.perf_counter() - start) / 1e9
+    rows = batch_size if param.device.type == "cuda" else 1
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+
+    def timed(length: int, backward: bool) -> float:
+        ids = torch.full((rows, length), 1, dtype=torch.long, device=param.device)
+        start = time.perf_counter()
+        with torch.set_grad_enabled(backward):
+            try:
+                logits = model(input_ids=ids, logits_to_keep=1).logits
+            except TypeError:  # an architecture without logits_to_keep
+                logits = model(input_ids=ids).logits[:, -1:]
+            if backward and trainable:
+                torch.autograd.grad(logits.float().sum(), trainable, allow_unused=True)
+        if param.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    try:
+        timed(8, backward=bool(trainable))  # warm-up: the first call picks kernels
+        length = max(8, min(tokens, PROBE_TOKENS))
+        scoring = rows * length / timed(length, backward=False)
+        training = rows * length / timed(length, backward=True) if trainable else scoring
+    finally:
+        model.train(was_training)
+    return scoring, training
 
 
-def forward_flops_per_token(model) -> float:
-    """2 x the matrix parameters a token passes through (embeddings and LM head aside: the head runs only
-    at the scored positions)."""
-    skip = ("embed", "lm_head", "wte", "wpe")
-    return 2.0 * sum(p.numel() for name, p in model.named_parameters()
-                     if p.dim() == 2 and not any(s in name for s in skip))
-
-
-def run_plan(model, train_tokens: int, scored_tokens: int, examples: str) -> str:
+def run_plan(model, train_tokens: int, scored_tokens: int, examples: str, tokens_per_row: int = PROBE_TOKENS,
+             batch_size: int = 1, gradient_checkpointing: bool = False) -> str:
     """One line before a run starts: what it will process and about how long that takes on this machine."""
-    fwd = forward_flops_per_token(model)
-    rate = gemm_gflops(model) * 1e9
-    eval_speed, train_speed = EVAL_SHARE * rate / fwd, TRAIN_SHARE * rate / (2 * fwd)
+    eval_speed, train_speed = probe_speeds(model, tokens_per_row, batch_size)
+    if gradient_checkpointing:  # the forward runs twice: about 4/3 of the work
+        train_speed *= 0.75
     seconds = train_tokens / train_speed + scored_tokens / eval_speed
     return (f"plan: {examples}; {_tokens(train_tokens)} training + {_tokens(scored_tokens)} scored tokens; "
-            f"about {_duration(seconds)} here (matrix products measured at {rate / 1e9:.0f} GFLOP/s, "
-            f"~{train_speed:.0f} tok/s training, ~{eval_speed:.0f} tok/s scoring expected)")
+            f"about {_duration(seconds)} here (timed on the model: ~{train_speed:.0f} tok/s training, "
+            f"~{eval_speed:.0f} tok/s scoring)")
