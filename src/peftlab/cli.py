@@ -34,6 +34,8 @@ EXPERIMENT_COMMANDS = {
     "report": "write tables (markdown, CSV), plots (PNG) and an HTML page from a results store",
     "tune": "hyper-parameter search on Optuna from a tune YAML (a run config + search: + tune:); a killed search "
             "continues where it stopped",
+    "merge-stores": "copy the cells and sweeps of results stores written elsewhere (another machine, a GPU, another "
+                    "worktree) into one store, so that one report shows them",
 }
 DEFAULT_STORE = "runs/sweeps/results.sqlite"
 EXPORT_HELP = ("merge a LoRA-family adapter into its base model and save it as a plain Hugging Face folder "
@@ -189,6 +191,14 @@ def add_experiment_parsers(sub) -> None:
                    "several give one report")
     p.add_argument("--out", help="report folder [default: report/ beside the (first) store]")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    p = sub.add_parser("merge-stores", help=EXPERIMENT_COMMANDS["merge-stores"],
+                       description=EXPERIMENT_COMMANDS["merge-stores"] + ". A finished cell replaces a missing, "
+                       "running or failed one; a cell already finished in INTO is kept; a sweep gains the cells it "
+                       "lacks. One transaction: INTO is either merged or untouched.")
+    p.add_argument("into", metavar="INTO", help="the store to merge into (created if missing; not while a sweep "
+                   "writes it)")
+    p.add_argument("sources", nargs="+", metavar="FROM", help="stores to copy from (read only; a sweep may be "
+                   "writing them)")
     add_tune_parser(sub)
 
 
@@ -254,10 +264,26 @@ def run_tune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_stores(into: str, sources: list[str]) -> int:
+    from peftlab.experiments import ResultsStore
+
+    for source in sources:
+        if Path(source).expanduser().resolve() == Path(into).expanduser().resolve():
+            raise PeftlabError(f"{source} is the store merged into; give INTO once and the other stores after it")
+    with ResultsStore(into, writer=True) as target:
+        for source in sources:
+            with ResultsStore(source) as other:
+                counts = target.merge_from(other)
+            print(f"merged {source} into {into}: {counts.describe()}")
+    return 0
+
+
 def run_experiment_command(args: argparse.Namespace) -> int:
     """`peftlab sweep`, `peftlab report` and `peftlab tune`."""
     if args.command == "tune":
         return run_tune_command(args)
+    if args.command == "merge-stores":
+        return merge_stores(args.into, args.sources)
     if args.command == "report":
         from peftlab.report import write_report
 

@@ -438,3 +438,77 @@ def test_the_command_kept_for_a_table_run_row_by_row_runs_the_whole_table(tmp_pa
         [sweep] = store.sweeps()
     assert "--n-test 8" in sweep.command                          # an override of every cell stays
     assert "--n-train" not in sweep.command and "--lora-dropout" not in sweep.command  # the row's flags do not
+
+
+# -- stores written apart, merged ------------------------------------------------------------------
+
+def test_rows_run_into_two_stores_merge_into_the_whole_table_and_a_sweep_on_it_runs_nothing(tmp_path, sweep_yaml,
+                                                                                              capsys):
+    """One row on one machine, the other row elsewhere (a GPU box, another worktree): merged, they are the
+    table, and the merged store knows every cell is done."""
+    from peftlab.report.tables import build_tables
+
+    stores = {n: tmp_path / f"row{n}.sqlite" for n in ("8", "16")}
+    for n, path in stores.items():
+        assert main(["sweep", str(sweep_yaml), "--n-train", n, "--store", str(path), "--out", str(tmp_path / n),
+                     "--quiet"]) == 0
+    rows = {}
+    for path in stores.values():
+        with ResultsStore(path) as store:
+            rows.update({c.key: c for c in store.cells() if c.status == "finished"})
+    assert len(rows) == 4
+    capsys.readouterr()
+    merged = tmp_path / "merged.sqlite"
+    assert main(["merge-stores", str(merged), *map(str, stores.values())]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("2 finished cells added, 0 already finished there (kept)" in x for x in lines)
+    with ResultsStore(merged) as store:
+        cells = {c.key: c for c in store.cells("tiny")}
+        [table] = build_tables(store)
+    assert set(cells) == set(rows) and all(c.status == "finished" for c in cells.values())
+    for key, cell in cells.items():  # copied as they were: record, run folder, attempts, times
+        source = rows[key]
+        assert (cell.record, cell.out, cell.attempts, cell.finished_at) == (source.record, source.out, source.attempts,
+                                                                           source.finished_at)
+    assert table.rows == [8, 16] and all(table.entries[(r, c)].records for r in table.rows for c in table.cols)
+
+    assert main(["sweep", str(sweep_yaml), "--store", str(merged), "--out", str(tmp_path / "all"), "--quiet"]) == 0
+    assert "0 cells run, 4 already done" in capsys.readouterr().out
+    assert main(["merge-stores", str(merged), str(stores["8"])]) == 0  # again: nothing added, nothing replaced
+    assert "0 finished cells added, 2 already finished there (kept), 0 sweeps added" in capsys.readouterr().out
+
+
+def test_a_merge_finishes_unfinished_cells_never_replaces_a_finished_one_and_waits_for_a_writer(tmp_path, capsys):
+    into, other = tmp_path / "into.sqlite", tmp_path / "other.sqlite"
+    config = {"model": {"name": "m"}}
+    with ResultsStore(into, writer=True) as store:
+        store.start("running", config, "out/r")                       # cut off here, finished elsewhere
+        store.start("failed", config, "out/f")
+        store.fail("failed", "out of memory")                         # failed here, finished elsewhere
+        store.start("done", config, "out/d")
+        store.finish("done", {"accuracy": 0.75, "adapter_sha256": "aa"})  # finished in both, differently
+    with ResultsStore(other, writer=True) as store:
+        for key in ("running", "failed", "done"):
+            store.start(key, config, f"gpu/{key}")
+            store.finish(key, {"accuracy": 0.5, "adapter_sha256": "bb"})
+        store.start("new-running", config, "gpu/n")                   # unfinished and unknown there: copied
+        store.start("new-done", config, "gpu/nd")
+        store.finish("new-done", {"accuracy": 0.6})
+    with ResultsStore(into, writer=True) as target, ResultsStore(other) as source:
+        counts = target.merge_from(source)
+        after = {c.key: c for c in target.cells()}
+    assert (counts.added, counts.kept, counts.differing, counts.unfinished) == (3, 1, 1, 1)
+    assert {k: (c.status, c.out) for k, c in after.items()} == {
+        "running": ("finished", "gpu/running"), "failed": ("finished", "gpu/failed"), "done": ("finished", "out/d"),
+        "new-running": ("running", "gpu/n"), "new-done": ("finished", "gpu/nd")}
+    assert after["done"].record == {"accuracy": 0.75, "adapter_sha256": "aa"} and after["failed"].reason is None
+
+    writer = ResultsStore(into, writer=True)  # a sweep writing INTO: refused in one line, nothing changed
+    try:
+        assert main(["merge-stores", str(into), str(other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "being written by another sweep" in err and "\n" not in err
+    finally:
+        writer.close()
+    assert main(["merge-stores", str(into), str(into)]) == 2
+    assert "is the store merged into" in capsys.readouterr().err

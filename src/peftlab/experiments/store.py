@@ -214,6 +214,44 @@ class ResultsStore:
             if done.rowcount != 1:
                 raise RuntimeError(f"cell {key} was not running; cannot mark it {status}")
 
+    def merge_from(self, other: "ResultsStore") -> "MergeCounts":
+        """Copy `other`'s cells and sweeps into this store, in one transaction: the way cells run on another
+        machine (a GPU box, a second worktree) join a table. A finished cell replaces a missing, running or
+        failed one here; a cell finished here is kept (and counted as differing when the other's accuracy or
+        adapter differs); an unfinished cell is copied only where this store lacks the key, so the next sweep
+        redoes it. A sweep new here is copied whole; a known one gains the members it lacks."""
+        self._check_writer()
+        counts = MergeCounts()
+        columns = "key, status, reason, config, record, out, attempts, started_at, finished_at, host, pid"
+        with self.transaction():
+            for row in other.conn.execute(f"SELECT {columns} FROM cells").fetchall():
+                key, status, record = row[0], row[1], row[4]
+                mine = self.conn.execute("SELECT status, record FROM cells WHERE key = ?", (key,)).fetchone()
+                if mine is not None and mine[0] == "finished":
+                    if status == "finished":
+                        counts.kept += 1
+                        counts.differing += _outcome(mine[1]) != _outcome(record)
+                    continue
+                if status != "finished" and mine is not None:
+                    continue
+                self.conn.execute(f"INSERT OR REPLACE INTO cells ({columns}) VALUES ({', '.join('?' * 11)})", row)
+                counts.added += status == "finished"
+                counts.unfinished += status != "finished"
+            for sweep in other.conn.execute("SELECT name, source, command, grid, spec, updated_at FROM sweeps"):
+                known = self.conn.execute("SELECT 1 FROM sweeps WHERE name = ?", (sweep[0],)).fetchone()
+                if not known:
+                    self.conn.execute("INSERT INTO sweeps VALUES (?, ?, ?, ?, ?, ?)", sweep)
+                    counts.sweeps += 1
+                last = self.conn.execute("SELECT COALESCE(MAX(position), -1) FROM sweep_cells WHERE sweep = ?",
+                                         (sweep[0],)).fetchone()[0]
+                members = other.conn.execute("SELECT key, params FROM sweep_cells WHERE sweep = ? ORDER BY position",
+                                             (sweep[0],)).fetchall()
+                for key, params in members:
+                    inserted = self.conn.execute("INSERT OR IGNORE INTO sweep_cells VALUES (?, ?, ?, ?)",
+                                                 (sweep[0], key, last + 1, params))
+                    last += inserted.rowcount
+        return counts
+
     # -- reading -------------------------------------------------------------------------------------
     def status(self, key: str) -> str | None:
         row = self.conn.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()
@@ -266,6 +304,30 @@ class ResultsStore:
 
 
 _CELL_COLUMNS = "key, status, reason, config, record, out, attempts, started_at, finished_at"
+
+
+@dataclass
+class MergeCounts:
+    added: int = 0        # finished cells copied in
+    kept: int = 0         # finished in both: this store's record kept
+    differing: int = 0    # of those, with another accuracy or adapter
+    unfinished: int = 0   # running or failed cells copied in (the next sweep redoes them)
+    sweeps: int = 0       # sweeps copied in
+
+    def describe(self) -> str:
+        text = (f"{self.added} finished cell{'s' * (self.added != 1)} added, {self.kept} already finished there "
+                f"(kept)")
+        if self.differing:
+            text += f", {self.differing} of them with another accuracy or adapter in the source"
+        if self.unfinished:
+            text += f", {self.unfinished} unfinished cell{'s' * (self.unfinished != 1)} added (a sweep redoes them)"
+        return text + f", {self.sweeps} sweep{'s' * (self.sweeps != 1)} added"
+
+
+def _outcome(record: str | None) -> tuple:
+    """What makes two runs of one cell the same result: the accuracy and the adapter's bytes."""
+    data = json.loads(record) if record else {}
+    return data.get("accuracy"), data.get("adapter_sha256")
 
 
 def _cell(row) -> StoredCell:
