@@ -64,9 +64,11 @@ def cpuinfo_field(name: str) -> str | None:
     return None
 
 
-def git_commit() -> str | None:
-    """The commit of the peftlab checkout this code runs from, if it runs from one."""
-    root = Path(__file__).resolve().parents[2]
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the peftlab checkout this code runs from, if it runs from one; "-dirty" when the code
+    there (src/, untracked modules too) differs from it. Only src/ counts: a sweep's results store is often a
+    tracked file of the same checkout (results/), and a store being written is no change of the code."""
+    root = root or Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)
@@ -74,7 +76,7 @@ def git_commit() -> str | None:
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
                            capture_output=True, text=True, timeout=5).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 

@@ -58,3 +58,33 @@ def test_rerun_of_an_eval_run_and_of_a_killed_run(tiny_model_dir, imdb_dir, tmp_
     assert main(["rerun", str(killed), "--quiet"]) == 0
     assert "did not finish: nothing to compare with" in capsys.readouterr().out
     assert (tmp_path / "killed-rerun-1" / "metrics.json").is_file()
+
+
+def test_the_recorded_commit_is_dirty_only_when_the_code_differs(tmp_path):
+    """A store written into a tracked results/ file must not mark every cell "-dirty" (issue 16: the committed
+    report named -dirty commits, and which code made those cells could not be told)."""
+    import subprocess
+
+    from peftlab.repro import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "store.sqlite").write_bytes(b"cells: 1")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "results" / "store.sqlite").write_bytes(b"cells: 2")   # a sweep writing its tracked store
+    (tmp_path / "notes.txt").write_text("untracked, outside src")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "src" / "new_module.py").write_text("y = 2\n")       # code that is in no commit
+    assert git_commit(tmp_path) == head + "-dirty"
+    (tmp_path / "src" / "new_module.py").unlink()
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")             # changed code
+    assert git_commit(tmp_path) == head + "-dirty"
