@@ -176,12 +176,14 @@ def test_a_run_prints_its_plan_then_one_line_per_epoch(tiny_model_dir, imdb_dir,
 
 @pytest.mark.parametrize("method", [{"method.lora_dropout": 0.1},
                                     {"method.lora_dropout": 0.1, "train.objective": "head"},
+                                    {"method.lora_dropout": 0.1, "train.objective": "head", "model.dtype": "bf16"},
                                     {"method.method": "prompt-tuning", "method.virtual_tokens": 4}],
-                         ids=["lora", "head", "prompt-tuning"])
-def test_printing_the_plan_changes_nothing_the_run_computes(tiny_model_dir, imdb_dir, tmp_path, method):
+                         ids=["lora", "head", "head-bf16", "prompt-tuning"])
+def test_printing_the_plan_changes_nothing_the_run_computes(tiny_model_dir, imdb_dir, tmp_path, method, capsys):
     # The plan times a forward and a backward pass of the model itself (estimate.probe_speeds): that must
     # leave no gradient, no dropout draw and no mode change behind, with an adapter, a head or virtual tokens.
     quiet = run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / "quiet", **method), progress=False)
     shown = run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / "shown", **method), progress=True)
+    assert "tok/s training" in capsys.readouterr().err  # the probe ran (a failing one leaves the time out)
     assert shown["adapter_sha256"] == quiet["adapter_sha256"]
     assert [e["train_loss"] for e in shown["per_epoch"]] == [e["train_loss"] for e in quiet["per_epoch"]]
