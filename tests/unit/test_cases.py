@@ -106,6 +106,11 @@ def test_the_method_comparison_runs_every_method_on_the_tiny_model(tmp_path, tin
                    for c in cases)                             # the search never scores the test subset
         [table] = build_tables(store)
     assert table.row_key == "case" and table.col_key == "train.lr" and table.rows == cases
+    # the union of the cases' learning rates, in cell order 1.5e-4, 1e-3, 5e-4, ..., is laid out in order
+    assert table.cols == sorted({c.config.train.lr for c in one_each}) and table.cols != \
+        list(dict.fromkeys(c.config.train.lr for c in one_each))
     per_epoch = {row[1].split(",")[0]: row[8] for row in cost_rows(table)}   # "train s/epoch"
     assert per_epoch == {f"case={c}": f"{cells[c].record['timings']['train_s'] / 1:,.1f}" for c in cases}  # 1 epoch
-    assert "| prefix-tuning |" in write_report(store_path, tmp_path / "report", plots=False)["markdown"].read_text()
+    markdown = write_report(store_path, tmp_path / "report", plots=False)["markdown"].read_text()
+    assert "| prefix-tuning |" in markdown
+    assert "4 validation examples" in markdown and "test examples" not in markdown  # the test was never scored

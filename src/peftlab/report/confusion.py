@@ -26,7 +26,8 @@ def describe_cell(record: dict) -> str:
     run = "zero-shot" if data.get("n_train") == 0 else f"{method.get('method', '?')} N={data.get('n_train', '?')}"
     shots = config.get("prompt", {}).get("shots") or 0
     run += f", {shots}-shot" if shots else ""
-    return (f"{run}, {record.get('n', '?')} test examples, "
+    scored = "validation" if config.get("train", {}).get("score_test") is False and data.get("n_train") else "test"
+    return (f"{run}, {record.get('n', '?')} {scored} examples, "
             f"accuracy {100 * record['accuracy']:.1f} %, macro-F1 {100 * record.get('macro_f1', 0):.1f} %")
 
 

@@ -140,8 +140,8 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
         facets.setdefault(tuple(value_of(cell, k) for k in others), []).append(cell)
     tables = []
     for facet_values, group in facets.items():
-        rows = unique_values(value_of(c, row_key) for c in group)
-        cols = unique_values(value_of(c, col_key) for c in group) if col_key else [None]
+        rows = axis_values(sweep, row_key, group)
+        cols = axis_values(sweep, col_key, group) if col_key else [None]
         entries = {(r, c): Entry() for r in rows for c in cols}
         for cell in group:
             entry = entries[(value_of(cell, row_key), value_of(cell, col_key) if col_key else None)]
@@ -169,6 +169,15 @@ def sweep_tables(sweep: StoredSweep, cells: list[StoredCell]) -> list[Table]:
         tables.append(table)
         tables += [t for t in [chosen_on_val(table)] if t is not None]
     return tables
+
+
+def axis_values(sweep: StoredSweep, key: str, cells: list[StoredCell]) -> list:
+    """An axis's values in the order of the sweep's cells (the YAML's order), except where `cases:` gave the
+    axis several lists (each method its learning rates): their union, in cell order, interleaves, so numbers
+    are sorted."""
+    values = unique_values(value_of(c, key) for c in cells)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return sorted(values) if "case" in sweep.grid and key != "case" and numbers else values
 
 
 def chosen_on_val(table: Table) -> Table | None:
