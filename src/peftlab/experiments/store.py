@@ -222,7 +222,7 @@ class ResultsStore:
         redoes it. A sweep new here is copied whole; a known one gains the members it lacks."""
         self._check_writer()
         counts = MergeCounts()
-        columns = "key, status, reason, config, record, out, attempts, started_at, finished_at, host, pid"
+        columns = f"{_CELL_COLUMNS}, host, pid"  # the whole row: who ran it, too
         with self.transaction():
             for row in other.conn.execute(f"SELECT {columns} FROM cells").fetchall():
                 key, status, record = row[0], row[1], row[4]
@@ -234,7 +234,7 @@ class ResultsStore:
                     continue
                 if status != "finished" and mine is not None:
                     continue
-                self.conn.execute(f"INSERT OR REPLACE INTO cells ({columns}) VALUES ({', '.join('?' * 11)})", row)
+                self.conn.execute(f"INSERT OR REPLACE INTO cells ({columns}) VALUES ({', '.join('?' * len(row))})", row)
                 counts.added += status == "finished"
                 counts.unfinished += status != "finished"
             for sweep in other.conn.execute("SELECT name, source, command, grid, spec, updated_at FROM sweeps"):
