@@ -347,8 +347,10 @@ def plan_line(run: Run, peft_model, objective: Objective) -> str:
     tokens = [sum(len(row.seq) + offset for row in rows) for rows in objective.rows]
     mean = sum(tokens) / max(len(tokens), 1)
     scored = scored_examples(run.config, len(run.task.test), trains=True, n_val=len(run.task.val))
+    test = (f"{len(run.task.test)} test" if run.config.train.score_test
+            else f"test not scored ({len(run.task.test)} drawn)")  # a tune trial, a learning-rate search cell
     examples = (f"{len(run.task.train)} training examples x {run.config.train.epochs} epochs, "
-                f"{len(run.task.val)} validation, {len(run.task.test)} test (epoch chosen: {run.config.train.select_on})")
+                f"{len(run.task.val)} validation, {test} (epoch chosen: {run.config.train.select_on})")
     return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples,
                     tokens_per_row=round(mean), batch_size=run.config.train.batch_size,
                     gradient_checkpointing=run.config.train.gradient_checkpointing)

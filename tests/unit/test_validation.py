@@ -174,6 +174,16 @@ def test_a_run_prints_its_plan_then_one_line_per_epoch(tiny_model_dir, imdb_dir,
         assert line in err and f"val accuracy {e['val_accuracy']:.2%}" in err.split(line)[1].split("\n")[0]
 
 
+def test_the_plan_says_whether_the_test_subset_is_scored(tiny_model_dir, imdb_dir, tmp_path, capsys):
+    def plan(name, **extra):
+        run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / name, **extra), progress=True)
+        return next(line for line in capsys.readouterr().err.splitlines() if line.startswith("plan: "))
+
+    assert "8 validation, 10 test (epoch chosen: val)" in plan("scored")
+    # A tune trial or a learning-rate search cell never looks at the test subset: the plan must not claim it.
+    assert "8 validation, test not scored (10 drawn) (epoch chosen: val)" in plan("trial", **{"train.score_test": False})
+
+
 @pytest.mark.parametrize("method", [{"method.lora_dropout": 0.1},
                                     {"method.lora_dropout": 0.1, "train.objective": "head"},
                                     {"method.lora_dropout": 0.1, "train.objective": "head", "model.dtype": "bf16"},
