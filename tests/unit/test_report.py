@@ -176,6 +176,8 @@ def test_the_protocol_heads_each_table_and_the_validation_choice_gets_its_own(tm
         cells = []
         for n, on_test, on_val, k in ((50, 0.70, 0.66, 1), (150, 0.80, 0.80, 2)):
             r = record(on_test, n, 0.0)
+            r.update(per_epoch=[{"epoch": 1, "accuracy": 0.66, "val_accuracy": 0.88},
+                                {"epoch": 2, "accuracy": on_test, "val_accuracy": 0.85 if k == 1 else 0.9}])
             r.update(selected_on="test", selected_on_val={"epoch": k, "accuracy": on_val,
                                                           "ci95": list(wilson_interval(round(on_val * N_TEST), N_TEST)),
                                                           "val_accuracy": 0.9})
@@ -195,6 +197,16 @@ def test_the_protocol_heads_each_table_and_the_validation_choice_gets_its_own(tm
     report = write_report(path, tmp_path / "report", plots=False)
     text = report["markdown"].read_text()
     assert text.count("*Protocol: epoch selected on test: optimistic") == 2 and "epoch chosen on the validation" in text
+    # The gap run by run, by hand: N=50 chose epoch 2 on test (70 %) and epoch 1 on validation (66 %), N=150
+    # epoch 2 on both; the old sweep scored no validation split, and the twin's runs are not counted twice.
+    with (tmp_path / "report" / "tables" / "selection-gap.csv").open() as f:
+        gap = list(csv.reader(f))
+    assert [row[:3] + row[5:] for row in gap[1:]] == [["gap", "N=50", "0", "70.00 (2)", "66.00 (1)", "4.00"],
+                                                     ["gap", "N=150", "0", "80.00 (2)", "80.00 (2)", "0.00"]]
+    assert gap[1][3:5] == ["66.00 / 70.00", "88.00 / 85.00"]  # each epoch's test and validation accuracy
+    assert ("2 runs: the validation split chose the test subset's epoch in 1; the gap is 2.00 points on average, "
+            "at most 4.00 (gap, N=50).") in text
+    assert "Selection gap" in report["html"].read_text()
 
 
 def test_calibration_columns_and_reliability_diagram_come_from_the_cell_records(tmp_path):

@@ -6,7 +6,8 @@
     <out>/report.md        tables in the study's shape, the study's numbers beside them, plots linked
     <out>/report.html      the same, self-contained (plots inlined): open it in any browser
     <out>/tables/*.csv     each table as in the markdown; cells.csv: one row per cell with its cost
-                           and calibration (nll, ece: 15 bins, brier, auroc; evaluate/calibration_metrics.py)
+                           and calibration (nll, ece: 15 bins, brier, auroc; evaluate/calibration_metrics.py);
+                           selection-gap.csv: runs that chose their epoch on test, at the validation-chosen epoch too
     <out>/plots/*.png      accuracy vs N with 95% bands, heat maps, accuracy vs cost, reliability diagrams
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from peftlab.errors import PeftlabError
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import atomic_write_text
-from peftlab.report.tables import Table, build_tables, table_grid
+from peftlab.report.tables import GAP_HEADER, Table, build_tables, selection_gap, table_grid
 
 CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method", "n_train", "n_test", "seed",
                 "accuracy", "ci95_low", "ci95_high", "nll", "ece", "brier", "auroc", "best_epoch", "train_s", "eval_s",
@@ -47,6 +48,8 @@ def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = 
         header, rows = table_grid(table)
         write_csv(out / "tables" / f"{table.name}.csv", header, rows)
     write_csv(out / "tables" / "cells.csv", CELL_COLUMNS, cell_rows(tables))
+    if (gap := selection_gap(tables)) is not None:
+        write_csv(out / "tables" / "selection-gap.csv", GAP_HEADER, gap[0])
     figures, cost_plot = {}, None
     if plots:
         from peftlab.report.plots import accuracy_vs_cost, plot_tables

@@ -14,7 +14,8 @@ from pathlib import Path
 from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
 from peftlab.report.study import PREVIOUS_BEST
-from peftlab.report.tables import COST_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note, table_grid
+from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note,
+                                   selection_gap, table_grid)
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -76,11 +77,19 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
         lines += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots.get(table.name, [])]
         lines += [""] + [f"- failed: {f}" for f in failures(table)]
         lines += ["", "Cost per cell:", "", markdown_table(COST_HEADER, cost_rows(table)), ""]
+    if (gap := selection_gap(tables)) is not None:
+        lines += ["## Selection gap: the epoch chosen on test against on validation", "", GAP_NOTE, "",
+                  markdown_table(GAP_HEADER, gap[0]), "", gap[1] + ".", ""]
     if cost_plot is not None:
         link = cost_plot.relative_to(path.parent).as_posix()
         lines += ["## Accuracy against cost", "", f"![accuracy vs cost]({link})", ""]
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+GAP_NOTE = ("Runs that chose their epoch on the test subset (the study's protocol) and scored the validation "
+            "split after every epoch: the test accuracy at each choice, and k the epoch chosen. The gap is what "
+            "choosing on test adds to the reported figure (it cannot be negative).")
 
 
 CSS = """
@@ -150,6 +159,10 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
             parts.append(f'<p class="failed">failed: {html.escape(failure)}</p>')
         parts.append("<details><summary>Cost per cell</summary>" +
                      html_table(COST_HEADER, cost_rows(table), cls="cost") + "</details>")
+    if (gap := selection_gap(tables)) is not None:
+        parts.append('<h2 id="selection-gap">Selection gap: the epoch chosen on test against on validation</h2>'
+                     f'<p class="note">{html.escape(GAP_NOTE)}</p>' + html_table(GAP_HEADER, gap[0]) +
+                     f'<p class="note">{html.escape(gap[1])}.</p>')
     if cost_plot is not None:
         parts.append(f'<h2 id="cost">Accuracy against cost</h2><div class="plots">{_img(cost_plot)}</div>')
     parts.append("</body></html>")

@@ -200,6 +200,45 @@ def chosen_on_val(table: Table) -> Table | None:
     return twin
 
 
+GAP_HEADER = ["table", "setting", "seed", "test % by epoch", "validation % by epoch", "chosen on test % (k)",
+              "chosen on validation % (k)", "gap, points"]
+
+
+def selection_gap(tables: list[Table]) -> tuple[list[list[str]], str] | None:
+    """The selection gap run by run (issue 12): every finished run that chose its epoch on the test subset
+    and scored a validation split after every epoch, its test accuracy at the epoch the test subset chose
+    against at the epoch the validation split chose, and a one-line summary. The gap is never negative: the
+    test-chosen epoch is the run's best test accuracy. None when no run has both."""
+    runs = []
+    for table in tables:
+        if table.facet.get("selected_on") == "val":
+            continue  # chosen_on_val's twin: the same runs again
+        for cell in table.cells:
+            r = cell.record or {}
+            on_val = r.get("selected_on_val")
+            if cell.status != "finished" or not on_val or r.get("selected_on", "test") != "test":
+                continue
+            setting = ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in (cell.params or {}).items()
+                                if k != "train.seed")
+            gap = 100 * (r["accuracy"] - on_val["accuracy"])
+            runs.append((table.sweep, setting or "single run", value_of(cell, "train.seed"), r, on_val, gap))
+    if not runs:
+        return None
+    def by_epoch(r: dict, key: str) -> str:
+        return " / ".join(f"{100 * e[key]:.2f}" if e.get(key) is not None else "—" for e in r.get("per_epoch") or [])
+
+    rows = [[sweep, setting, format_value(seed), by_epoch(r, "accuracy"), by_epoch(r, "val_accuracy"),
+             f"{100 * r['accuracy']:.2f} ({r.get('best_epoch', '?')})",
+             f"{100 * on_val['accuracy']:.2f} ({on_val['epoch']})", f"{gap:.2f}"]
+            for sweep, setting, seed, r, on_val, gap in runs]
+    same = sum(r.get("best_epoch") == on_val["epoch"] for _, _, _, r, on_val, _ in runs)
+    largest = max(runs, key=lambda run: run[5])
+    summary = f"{len(runs)} runs: the validation split chose the test subset's epoch in {same}; the gap is "
+    summary += (f"{statistics.mean(run[5] for run in runs):.2f} points on average, at most {largest[5]:.2f} "
+                f"({largest[0]}, {largest[1]})" if largest[5] > 0 else "0 in every run")
+    return rows, summary
+
+
 def overlap_marks(rows: list, cols: list, interval) -> dict:
     """(row, col) -> marks for intervals that overlap the left or upper neighbour's."""
     def overlaps(a, b):
