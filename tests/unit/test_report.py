@@ -88,6 +88,24 @@ def test_tables_have_the_study_shape_with_seeds_and_the_published_numbers(store_
     assert [r[2].rstrip(MARK_UP) for r in rows[1:]] == ["51.78", "82.564", "94.24"]
 
 
+def test_the_zero_shot_line_is_the_zero_shot_run_on_the_same_reviews_and_prompt(store_path):
+    from peftlab.report import zero_shot_baselines
+
+    # Beside the grid's own zero-shot cell (56 %): a 4-shot cell and a zero-shot cell cut at 128 tokens, both
+    # of the same model on the same reviews; neither is the grid's baseline (a mean over all three is 60.67).
+    four_shot, short = record(0.50, 0, 0.1, best_epoch=None), record(0.76, 0, 0.1, best_epoch=None)
+    four_shot["config"]["prompt"]["shots"] = 4
+    short["config"]["prompt"]["max_input_tokens"] = 128
+    with ResultsStore(store_path, writer=True) as store:
+        add_sweep(store, "smollm2-shots", {"prompt.shots": [4]}, [({"prompt.shots": 4}, four_shot)])
+        add_sweep(store, "smollm2-zero-shot-128", {}, [({}, short)])
+    with ResultsStore(store_path) as store:
+        baselines = zero_shot_baselines(build_tables(store))
+    assert baselines["smollm2-lora"] == pytest.approx(56.0)
+    assert baselines["smollm2-zero-shot-128"] == pytest.approx(76.0)
+    assert baselines["smollm2-shots"] == pytest.approx(56.0)  # a k-shot table's reference: 0 shots, same reviews
+
+
 def test_marks_flag_differences_the_intervals_do_not_support(store_path):
     with ResultsStore(store_path) as store:
         lora = next(t for t in build_tables(store) if t.sweep == "smollm2-lora")

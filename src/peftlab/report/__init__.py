@@ -87,14 +87,42 @@ def cell_rows(tables: list[Table]) -> list[list]:
     return rows
 
 
+# What must match for a zero-shot cell to be a table's baseline: the model, the same test reviews, the same
+# prompt and the same decision rule (absent in older records: the defaults of their time).
+BASELINE_KEYS = {"model.name": None, "data.source": None, "data.n_test": None, "data.data_seed": 0,
+                 "data.labels": "sentiment", "prompt.template": "alpaca", "prompt.instruction": None,
+                 "prompt.label_words": None, "prompt.max_input_tokens": None, "prompt.truncation": "head+tail",
+                 "eval.score_norm": "sum", "eval.calibration": "none"}
+
+
+def _setting(config: dict) -> tuple:
+    def get(key: str, default):
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return default if node is None else node
+
+    return tuple(str(get(k, default)) for k, default in BASELINE_KEYS.items())
+
+
 def zero_shot_baselines(tables: list[Table]) -> dict[str, float]:
-    """Zero-shot accuracy % by model name, from the store's finished n_train=0 cells."""
-    out: dict[str, list[float]] = {}
+    """Zero-shot accuracy % by table name: the finished zero-shot cells (n_train 0, no demonstrations) that
+    scored the table's own test reviews with its prompt and decision rule (a k-shot cell, or one on other
+    reviews or cut at another length, is not its baseline)."""
+    zero: dict[tuple, dict[str, float]] = {}  # setting -> cell key -> accuracy (a cell in two sweeps counts once)
     for table in tables:
         for cell in table.cells:
-            if cell.status == "finished" and cell.config["data"]["n_train"] == 0:
-                out.setdefault(cell.config["model"]["name"], []).append(100 * cell.record["accuracy"])
-    return {k: sum(v) / len(v) for k, v in out.items()}
+            cfg = (cell.record or {}).get("config") or cell.config or {}
+            if (cell.status == "finished" and cfg.get("data", {}).get("n_train") == 0
+                    and not cfg.get("prompt", {}).get("shots")):
+                zero.setdefault(_setting(cfg), {})[cell.key] = 100 * cell.record["accuracy"]
+    out = {}
+    for table in tables:
+        trained = next(((c.record or {}).get("config") for c in table.cells if c.status == "finished"), None)
+        match = zero.get(_setting(trained)) if trained else None
+        if match:
+            out[table.name] = sum(match.values()) / len(match)
+    return out
 
 
 __all__ = ["write_report"]

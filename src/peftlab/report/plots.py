@@ -29,7 +29,7 @@ def _pyplot():
 
 
 def plot_tables(tables: list[Table], zero_shot: dict, folder: Path) -> dict[str, list[Path]]:
-    """Every plot of every table, by table name; `zero_shot` maps model name -> accuracy % (a baseline)."""
+    """Every plot of every table, by table name; `zero_shot` maps table name -> accuracy % (its baseline)."""
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, list[Path]] = {}
     for table in tables:
@@ -71,9 +71,8 @@ def accuracy_vs_n(table: Table, zero_shot: dict, path: Path) -> Path:
         if study:
             ax.plot([r for r, _ in study], [v[0] for _, v in study], "s--", color=colour, alpha=0.55, ms=4,
                     label=f"{label} (LLaMA-2 7B, study)")
-    model = _model_of(table)
-    if model in zero_shot:
-        ax.axhline(zero_shot[model], color="grey", ls=":", lw=1.2, label="zero-shot")
+    if table.name in zero_shot:
+        ax.axhline(zero_shot[table.name], color="grey", ls=":", lw=1.2, label="zero-shot")
     ax.set_xscale("log")
     ax.set_xticks(rows, [format_value(r) for r in rows])
     ax.minorticks_off()
@@ -239,13 +238,6 @@ def plain_log_ticks(ax) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _model_of(table: Table) -> str | None:
-    for cell in table.cells:
-        if cell.config:
-            return cell.config["model"]["name"]
-    return None
 
 
 def _title(table: Table) -> str:
