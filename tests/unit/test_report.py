@@ -106,6 +106,41 @@ def test_the_zero_shot_line_is_the_zero_shot_run_on_the_same_reviews_and_prompt(
     assert baselines["smollm2-shots"] == pytest.approx(56.0)  # a k-shot table's reference: 0 shots, same reviews
 
 
+def test_a_method_comparison_gets_accuracy_against_time_parameters_and_memory_per_method(tmp_path):
+    import statistics
+
+    from peftlab.report.plots import cost_points
+
+    def run(method, accuracy, seed, train_s, params, peak):
+        r = record(accuracy, 500, 0.0, seed)
+        r["config"]["method"]["method"] = method
+        r.update(timings={"train_s": train_s, "eval_s": 300.0}, trainable_parameters=params, peak_memory_mb=peak)
+        return r
+
+    path = tmp_path / "methods.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        cells = [({"case": "lora", "train.seed": 0}, run("lora", 0.80, 0, 100.0, 460_800, 900.0)),
+                 ({"case": "lora", "train.seed": 1}, run("lora", 0.82, 1, 120.0, 460_800, 1000.0)),
+                 ({"case": "ia3", "train.seed": 0}, run("ia3", 0.70, 0, 50.0, 30_000, 700.0)),
+                 ({"case": "prefix", "train.seed": 0}, "TrainingDiverged: training diverged at epoch 1, batch 3")]
+        add_sweep(store, "smollm2-methods", {"case": ["lora", "ia3", "prefix"], "train.seed": [0, 1]}, cells,
+                  spec={"rows": "case"})
+    with ResultsStore(path) as store:
+        table = next(t for t in build_tables(store) if t.sweep == "smollm2-methods")
+    points = {name: rest for name, *rest in cost_points(table)}
+    assert set(points) == {"lora", "ia3"}  # the failed method has no point
+    accuracy, low, high, costs = points["lora"]
+    # By hand: two runs of 2 epochs, the mean Wilson half-width widened by t(1 dof) x sd / sqrt(2).
+    w = statistics.mean(50 * (hi - lo) for lo, hi in (wilson_interval(1600, 2000), wilson_interval(1640, 2000)))
+    half = (w ** 2 + (12.706 * statistics.stdev([80.0, 82.0]) / 2 ** 0.5) ** 2) ** 0.5
+    assert accuracy == pytest.approx(81.0) and (low, high) == (pytest.approx(81.0 - half), pytest.approx(81.0 + half))
+    assert costs == {"train_s_per_epoch": pytest.approx(55.0), "trainable_parameters": 460_800,
+                     "peak_memory_mb": pytest.approx(950.0)}
+    assert points["ia3"][0] == pytest.approx(70.0) and points["ia3"][3]["train_s_per_epoch"] == pytest.approx(25.0)
+    report = write_report(path, tmp_path / "report")
+    assert "plots/smollm2-methods-cost.png" in report["markdown"].read_text()
+
+
 def test_marks_flag_differences_the_intervals_do_not_support(store_path):
     with ResultsStore(store_path) as store:
         lora = next(t for t in build_tables(store) if t.sweep == "smollm2-lora")

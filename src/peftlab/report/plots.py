@@ -1,4 +1,5 @@
-"""Plots as PNG: accuracy against N with 95% bands, heat maps of the grids, accuracy against cost,
+"""Plots as PNG: accuracy against N with 95% bands, heat maps of the grids, accuracy against cost (all cells;
+and per named setting of a `cases:` sweep against time per epoch, trainable parameters and peak memory),
 reliability diagrams (from the per-bin counts each cell's record keeps; evaluate/calibration_metrics.py).
 
 matplotlib with the Agg backend (no display needed); one figure per file, closed after saving.
@@ -43,6 +44,8 @@ def plot_tables(tables: list[Table], zero_shot: dict, folder: Path) -> dict[str,
             paths.append(heat_map(table, folder / f"{table.name}-heat-map.png"))
         elif table.col_key is None:
             paths.append(bars(table, folder / f"{table.name}-accuracy.png"))
+        if table.row_key == "case" and sum(bool(costed(e.records)) for e in table.entries.values()) > 1:
+            paths.append(settings_vs_cost(table, folder / f"{table.name}-cost.png"))
         if (best := best_record(table)) is not None:
             paths.append(confusion_heat_map(table, best, folder / f"{table.name}-confusion.png"))
         if any(r.get("reliability") for e in table.entries.values() for r in e.records):
@@ -204,6 +207,8 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
     plt = _pyplot()
     series = []
     for table in tables:
+        if table.facet.get("selected_on") == "val":
+            continue  # report.tables.chosen_on_val's twin: the same runs again
         points = [c.record for c in table.cells if c.status == "finished" and c.record.get("train_tokens")]
         if points:
             series.append((table.name, points))
@@ -215,11 +220,12 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
         err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in points],
                [100 * (r["ci95"][1] - r["accuracy"]) for r in points]]
         seconds = [r["timings"]["train_s"] + r["timings"].get("eval_s", 0) for r in points]
-        tokens = [r["train_tokens"] + r.get("eval_tokens", 0) * len(r.get("per_epoch", [1])) for r in points]
+        tokens = [r["train_tokens"] + r.get("eval_tokens", 0) * r.get("test_evaluations", len(r.get("per_epoch", [1])))
+                  for r in points]
         for ax, xs in zip(axes, (seconds, tokens)):
             ax.errorbar(xs, acc, yerr=err, fmt="o", ms=4, capsize=2, alpha=0.8, label=name)
     axes[0].set_xlabel("train + eval seconds per cell")
-    axes[1].set_xlabel("tokens processed per cell (train x epochs + eval x epochs)")
+    axes[1].set_xlabel("tokens processed per cell (train x epochs + test x test passes)")
     axes[0].set_ylabel("test accuracy % (best epoch)")
     for ax in axes:
         ax.set_xscale("log")
@@ -227,6 +233,60 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("accuracy against cost", fontsize=10)
+    return _save(fig, path)
+
+
+COST_AXES = (("train seconds per epoch", "train_s_per_epoch"), ("trainable parameters", "trainable_parameters"),
+             ("peak memory MB", "peak_memory_mb"))
+
+
+def costed(records: list[dict]) -> list[dict]:
+    """The records that carry every cost settings_vs_cost plots."""
+    return [r for r in records if r.get("trainable_parameters") and r.get("peak_memory_mb")
+            and (r.get("timings") or {}).get("train_s")]
+
+
+def _cost(record: dict, key: str) -> float:
+    if key == "train_s_per_epoch":
+        return record["timings"]["train_s"] / max(len(record.get("per_epoch") or []), 1)
+    return float(record[key])
+
+
+def cost_points(table: Table) -> list[tuple[str, float, float, float, dict[str, float]]]:
+    """(name, accuracy %, 95% low, 95% high, {cost key: mean over the setting's runs}) per named setting."""
+    points = []
+    for row in table.rows:
+        for col in table.cols:
+            entry = table.entries[(row, col)]
+            records = costed(entry.records)
+            if not records:
+                continue
+            low, high = entry.interval()
+            name = row_label(table, row) + ("" if col is None else f", {short_name(table.col_key)}={format_value(col)}")
+            costs = {key: sum(_cost(r, key) for r in records) / len(records) for _, key in COST_AXES}
+            points.append((name, entry.accuracy, low, high, costs))
+    return points
+
+
+def settings_vs_cost(table: Table, path: Path) -> Path:
+    """A comparison of named settings (a `cases:` sweep, e.g. one row per peft method): accuracy with its 95%
+    interval against training time per epoch, trainable parameters and peak memory, each point named."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(13, 4.2), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, accuracy, low, high, costs) in enumerate(cost_points(table)):
+        for ax, (_, key) in zip(axes, COST_AXES):
+            ax.errorbar([costs[key]], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="o", ms=5,
+                        capsize=2, color=colours[i % len(colours)])
+            ax.annotate(name, (costs[key], accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for ax, (label, _) in zip(axes, COST_AXES):
+        ax.set_xscale("log")
+        plain_log_ticks(ax)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    on_val = all(r.get("evaluated_on") == "val" for e in table.entries.values() for r in e.records)
+    axes[0].set_ylabel(f"{'validation' if on_val else 'test'} accuracy % (95% interval)")
+    fig.suptitle(_title(table) + ": accuracy against cost", fontsize=10)
     return _save(fig, path)
 
 
