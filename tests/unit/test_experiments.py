@@ -429,6 +429,28 @@ def test_a_sweep_run_one_row_at_a_time_keeps_the_whole_table(tmp_path, sweep_yam
     assert [c.params["data.n_train"] for c in dry.cells] == [16, 16] and len(dry.members) == 4
 
 
+def test_a_flag_that_changes_every_cell_says_which_finished_cells_leave_the_table(tmp_path, tiny_model_dir, imdb_dir,
+                                                                                  capsys):
+    # --seed on a sweep whose grid has no train.seed changes every cell: the table then lists the new cells
+    # and the user is told, once, which finished ones it no longer shows (they stay in the store).
+    sweep_yaml = write_sweep(tmp_path / "tiny.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [8]})
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        run_sweep(load_sweep(sweep_yaml, out=tmp_path / "out"), store, log=lambda _: None)
+        [first] = store.cells("tiny")
+        assert "note:" not in capsys.readouterr().err
+        run_sweep(load_sweep(sweep_yaml, {"train.seed": "1"}, out=tmp_path / "out"), store, log=lambda _: None)
+        err = capsys.readouterr().err
+        assert f"note: 1 finished cells of sweep tiny ({first.key}) are not cells of this run's settings" in err
+        [second] = store.cells("tiny")
+        assert second.key != first.key and store.status(first.key) == "finished"
+        # with train.seed in the grid, the same flag runs one value of it and the table keeps both
+        seeds = write_sweep(tmp_path / "seeds.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [8], "train.seed": [0, 1]},
+                            sweep={"name": "tiny"})
+        run_sweep(load_sweep(seeds, {"train.seed": "1"}, out=tmp_path / "out"), store, log=lambda _: None)
+        assert "note:" not in capsys.readouterr().err
+        assert [c.key for c in store.cells("tiny")] == [first.key, second.key]
+
+
 def test_the_command_kept_for_a_table_run_row_by_row_runs_the_whole_table(tmp_path, sweep_yaml):
     store_path = tmp_path / "r.sqlite"
     argv = ["sweep", str(sweep_yaml), "--n-train", "8", "--lora-dropout", "0.0", "--n-test", "8",

@@ -111,6 +111,13 @@ def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: S
     sweep.cells = with_earlier_keys(sweep.cells, store)
     members = with_earlier_keys(sweep.members, store)
     group_sweep(sweep.cells, sweep.name)  # trackers: one run per cell, grouped by the sweep (peftlab.tracking)
+    left_out = [c.key for c in store.cells(sweep.name)
+                if c.status == "finished" and c.key not in {m.key for m in members}]
+    if left_out:  # a flag on a key that is not a grid key (--lr, --seed) changes every cell of the table
+        print(f"note: {len(left_out)} finished cells of sweep {sweep.name} ({', '.join(left_out[:3])}"
+              f"{', ...' if len(left_out) > 3 else ''}) are not cells of this run's settings: the sweep's table "
+              "lists this run's cells from now on, and those stay in the store (run without the flag to list "
+              "them again, or give these settings their own table with sweep.name)", file=sys.stderr, flush=True)
     # The whole table, also when a flag runs one row of it: the report shows the other rows' cells as before.
     store.register_sweep(sweep.name, sweep.source, sweep.command, sweep.grid, _spec_dict(sweep),
                          [(c.key, c.params) for c in members])
