@@ -207,8 +207,12 @@ def test_a_search_killed_in_every_phase_resumes_to_the_unbroken_result(unbroken,
     original = json.loads((unbroken / "best.json").read_text())
     assert resumed["params"] == original["params"] and resumed["test"] == original["test"]
     with sqlite3.connect(tmp_path / "out" / "results.sqlite") as conn:
-        keys = [k for (k,) in conn.execute("SELECT key FROM cells WHERE status='finished'")]
+        rows = conn.execute("SELECT key, record FROM cells WHERE status='finished'").fetchall()
+    keys = [k for k, _ in rows]
     assert len(keys) == len(set(keys))
+    # A trial killed mid-training went on from its checkpoint (not from scratch), and the search still equals
+    # the unbroken one above, intermediate values included: its finished epochs were told to the new trial.
+    assert any(json.loads(record).get("resumed_from") for _, record in rows)
 
 
 def test_help_documents_the_tune_yaml(capsys):

@@ -15,7 +15,8 @@ command continues it:
 - one tune at a time owns a study (an flock on <study file>.lock, dropped by the kernel when the
   process dies), so a trial still RUNNING when the study is opened was cut off: it is marked FAIL
   (without the user attribute `reason` that a real failure has) and redone: its parameters are
-  queued (study.enqueue_trial), so the next trial asked runs them; Optuna's heartbeat
+  queued (study.enqueue_trial), so the next trial asked runs them, from its run's checkpoint where
+  it left one (continue_or_clear), the epochs it had finished reported to the new trial again; Optuna's heartbeat
   (RDBStorage(heartbeat_interval=...)) would fail it too, but it works with study.optimize only,
   not with ask/tell, and it waits for a grace period where the lock already tells;
 - the sampler is made afresh before each trial, seeded by (tune.seed, the trials asked before it
@@ -51,7 +52,9 @@ from peftlab.experiments.grid import RayOptions, build_ray_options, cell_folder,
 from peftlab.experiments.runner import failure_reason
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
+from peftlab.records import RunFolder
 from peftlab.tracking import group_run
+from peftlab.train.checkpoint import STATE_FILE, finished_epochs
 
 TRIAL_SETTINGS = {"train.score_test": False, "train.select_on": "val"}  # trials never see the test subset
 FINAL_SETTINGS = {"train.score_test": True, "train.select_on": "val"}
@@ -204,6 +207,11 @@ def train_trial(config: RunConfig, model, tokenizer, progress: bool | None, on_e
         if on_epoch is not None:
             on_epoch(epoch, record)  # may raise to stop the run (pruned)
 
+    if config.train.resume:  # a cut-off try goes on from its checkpoint: its finished epochs are told again
+        for done in finished_epochs(RunFolder(Path(config.out)).checkpoint):
+            metrics = done.get("metrics") or {}
+            record_epoch(done["epoch"], {"epoch": done["epoch"], "train_loss": done["loss"],
+                                         "val": metrics.get("val"), "test": metrics.get("test")})
     record = run_tracked("train", config, model, tokenizer, progress=progress, on_epoch=record_epoch)
     record = json.loads(json.dumps(record, default=str))
     record["val_per_epoch"] = epochs
@@ -228,8 +236,7 @@ class TrialRunner:
             from peftlab.models import load_base_model
 
             self.model, self.tokenizer = (self.load_model or load_base_model)(config.model)
-        if self.store.status(key) is not None:
-            shutil.rmtree(config.out, ignore_errors=True)  # a cut-off or pruned try is redone from scratch
+        config = continue_or_clear(self.store, key, config)
         self.store.start(key, config.to_dict(), config.out)
         try:
             record = train_trial(config, self.model, self.tokenizer, self.progress, on_epoch)
@@ -244,6 +251,19 @@ class TrialRunner:
             raise TrialFailed(reason) from exc
         self.store.finish(key, record)
         return record
+
+
+def continue_or_clear(store: ResultsStore, key: str, config: RunConfig) -> RunConfig:
+    """How a trial's cell starts after an earlier try: a try cut off by a kill or a stop (its cell still
+    `running`) that left a checkpoint goes on from it (train.resume; train_trial tells the new trial the
+    epochs it finished, as the unbroken run told them), so a tune stopped every few hours loses no training;
+    a pruned or failed try, or one cut off before its first checkpoint, is redone from scratch."""
+    status = store.status(key)
+    if status == "running" and (RunFolder(Path(config.out)).checkpoint / STATE_FILE).is_file():
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, resume=True))
+    if status is not None:
+        shutil.rmtree(config.out, ignore_errors=True)
+    return config
 
 
 class TrialFailed(Exception):

@@ -37,8 +37,8 @@ parallel search may choose other trials and another best trial than a serial one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
-import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,7 +52,8 @@ from peftlab.experiments.parallel import Ended, WorkerPool, _last_line, check_de
 from peftlab.experiments.runner import BaseModelChanged, CellResult, StoppedEarly
 from peftlab.experiments.store import ResultsStore
 from peftlab.experiments.tune import (Tune, TuneOutcome, ask_trial, conclude, ended_trials, finished_record,
-                                      lock_study, objective_metric, open_study, replay, tell_trial, train_trial)
+                                      continue_or_clear, lock_study, objective_metric, open_study, replay, tell_trial,
+                                      train_trial)
 
 
 class EpochReports:
@@ -165,9 +166,10 @@ class ParallelSearch:
 
     def start(self, flight: Flight) -> None:
         """Mark the cell running in the store (an attempt more) and hand it to a free worker."""
-        pool, cell = self.open_pool(), flight.cell
-        if self.store.status(cell.key) is not None:
-            shutil.rmtree(cell.config.out, ignore_errors=True)  # a cut-off, lost or pruned try is redone afresh
+        pool = self.open_pool()
+        # a cut-off or lost try goes on from its checkpoint where it left one; a pruned one is redone afresh
+        flight.cell = cell = dataclasses.replace(flight.cell, config=continue_or_clear(self.store, flight.cell.key,
+                                                                                        flight.cell.config))
         self.store.start(cell.key, cell.config.to_dict(), cell.config.out)
         self.flights[cell.key] = flight
         pool.submit(cell)

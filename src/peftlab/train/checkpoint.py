@@ -155,6 +155,16 @@ class Checkpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def finished_epochs(folder: str | Path) -> list[dict]:
+    """The epochs a checkpoint's run had finished (EpochRecord fields; `metrics` holds that epoch's
+    evaluations), read from its state.json alone; [] where there is no readable checkpoint."""
+    try:
+        state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+        return list(state["position"]["history"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def trainable_state(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """A copy of the trainable weights (e.g. the best epoch's), safe from later optimiser steps."""
     return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
