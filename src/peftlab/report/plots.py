@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftlab.experiments.grid import format_value, short_name
 from peftlab.report.confusion import best_record, confusion_heat_map
-from peftlab.report.tables import Table, row_label
+from peftlab.report.tables import Table, row_label, seconds_per_epoch
 
 DPI = 110
 
@@ -248,7 +248,7 @@ def costed(records: list[dict]) -> list[dict]:
 
 def _cost(record: dict, key: str) -> float:
     if key == "train_s_per_epoch":
-        return record["timings"]["train_s"] / max(len(record.get("per_epoch") or []), 1)
+        return seconds_per_epoch(record["timings"]["train_s"], record)
     return float(record[key])
 
 

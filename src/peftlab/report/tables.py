@@ -330,14 +330,14 @@ def cost_rows(table: Table) -> list[list[str]]:
                     (r.get("selected_on", "test") if "best_epoch" in r else ""),
                     (f"{100 * r['selected_on_val']['accuracy']:.2f} ({r['selected_on_val']['epoch']})"
                      if r.get("selected_on_val") else ""),
-                    _num(t.get("train_s")), _num(_per_epoch(t.get("train_s"), r)), _num(t.get("eval_s")),
+                    _num(t.get("train_s")), _num(seconds_per_epoch(t.get("train_s"), r)), _num(t.get("eval_s")),
                     _num(r.get("train_tokens"), 0),
                     _num(r.get("eval_tokens"), 0), _num(r.get("peak_memory_mb"), 0),
                     _num(r.get("trainable_parameters"), 0), str(cell.attempts)])
     return out
 
 
-def _per_epoch(seconds, record: dict):
+def seconds_per_epoch(seconds, record: dict):
     """Training seconds per epoch: the method comparison's time axis (epochs run, else the config's)."""
     epochs = len(record.get("per_epoch") or []) or (record.get("config") or {}).get("train", {}).get("epochs")
     return seconds / epochs if seconds is not None and epochs else None
