@@ -55,7 +55,10 @@ def build_peft_config(config: MethodConfig, head: bool = False):
     try:
         return config_class(task_type=peft.TaskType.SEQ_CLS if head else peft.TaskType.CAUSAL_LM, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise PeftlabError(f"invalid options for peft method {config.method!r}: {exc}") from None
+        glued = [k for k in options if isinstance(k, str) and ":" in k]
+        # YAML reads {r:8} as the key "r:8" with no value: a flow mapping needs a space after each colon.
+        hint = f"; write {{{glued[0].split(':')[0]}: ...}} with a space after the colon" if glued else ""
+        raise PeftlabError(f"invalid options for peft method {config.method!r}: {exc}{hint}") from None
 
 
 def attach_method(model, config: MethodConfig, init_ids: list[int] | None = None, seed: int = 0,
