@@ -121,6 +121,32 @@ def test_search_writes_best_yaml_tables_plots_and_scores_the_test_subset_once(un
     assert "| trial | state |" in (unbroken / "trials.md").read_text()
 
 
+@pytest.mark.parametrize("objective", ["val_accuracy", "val_nll"])
+def test_trials_tied_on_the_objective_are_told_apart_by_the_other_validation_metric(tmp_path, tiny_model_dir,
+                                                                                   imdb_dir, objective):
+    from optuna.distributions import FloatDistribution
+
+    from peftlab.experiments.store import ResultsStore
+    from peftlab.experiments.tune import chosen_trial, load_tune
+
+    tune = load_tune(write_tune_yaml(tmp_path, tiny_model_dir, imdb_dir, objective=objective), out=tmp_path / "out")
+    # (val accuracy, val nll) of five trials' runs: under accuracy, trials 1, 2 and 4 tie at 0.89 and trial 2
+    # has the lowest log-loss; under log-loss, trials 0 and 3 tie at 0.30 and trial 3 is the more accurate.
+    runs = [(0.85, 0.30), (0.89, 0.33), (0.89, 0.31), (0.87, 0.30), (0.89, 0.31)]
+    study = optuna.create_study(direction=tune.direction)
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        for i, (accuracy, nll) in enumerate(runs):
+            store.start(f"cell{i}", {}, None)
+            store.finish(f"cell{i}", {"accuracy": accuracy, "val": {"accuracy": accuracy, "nll": nll}})
+            value = accuracy if objective == "val_accuracy" else nll
+            study.add_trial(optuna.trial.create_trial(params={"train.lr": 1e-3}, value=value,
+                                                      distributions={"train.lr": FloatDistribution(1e-4, 1e-2)},
+                                                      user_attrs={"cell_key": f"cell{i}"}))
+        chosen = chosen_trial(study, tune, store)
+    assert chosen.number == (2 if objective == "val_accuracy" else 3)
+    assert study.best_trial.number == (1 if objective == "val_accuracy" else 0)  # Optuna alone: the first tied
+
+
 def test_best_yaml_runs_with_peftlab_train(unbroken, tmp_path, capsys):
     best_run = json.loads((unbroken / "best-run" / "metrics.json").read_text())
     assert main(["train", "--config", str(unbroken / "best.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0

@@ -14,13 +14,12 @@ from peftlab.config import RunConfig, dotted, dump_yaml
 from peftlab.records import RunFolder, atomic_write_text, write_json
 
 
-def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict, baseline: dict | None = None
-                  ) -> dict[str, Path]:
-    """best.yaml (runs with `peftlab train --config`), trials table, plots, and best.json (the final run and,
-    with `baseline`, the untuned config's run beside it)."""
+def write_outputs(tune, study: optuna.Study, best: optuna.trial.FrozenTrial, final: RunConfig, record: dict,
+                  baseline: dict | None = None) -> dict[str, Path]:
+    """best.yaml (runs with `peftlab train --config`), trials table, plots, and best.json (the final run of
+    the chosen trial `best` and, with `baseline`, the untuned config's run beside it)."""
     out = tune.out
     out.mkdir(parents=True, exist_ok=True)
-    best = study.best_trial
     runnable = RunConfig(**{**{f: getattr(final, f) for f in ("model", "data", "prompt", "method", "train",
                                                                  "eval", "adapter")}, "out": None})
     header = (f"# peftlab train --config {out / 'best.yaml'}\n"
@@ -38,7 +37,7 @@ def write_outputs(tune, study: optuna.Study, final: RunConfig, record: dict, bas
                                "run": baseline.get("out")}
         summary["paired"] = paired_comparison(record, baseline)
     write_json(out / "best.json", summary)
-    header_row, rows = trials_table(study, list(tune.space))
+    header_row, rows = trials_table(study, list(tune.space), chosen=best.number)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header_row] + rows)
     atomic_write_text(out / "trials.csv", buffer.getvalue())
@@ -89,8 +88,9 @@ def baseline_line(summary: dict) -> str:
             f"{100 * paired['difference']:+.2f} points; {test}.")
 
 
-def trials_table(study: optuna.Study, keys: list[str]) -> tuple[list[str], list[list]]:
-    """One row per trial, in order: number, state, value, epochs reported, parameters, cell key, reason."""
+def trials_table(study: optuna.Study, keys: list[str], chosen: int | None = None) -> tuple[list[str], list[list]]:
+    """One row per trial, in order: number, state, value, epochs reported, parameters, cell key, and a note
+    (why it failed, a redo, or the trial the search chose)."""
     header = ["trial", "state", "value", "epochs"] + keys + ["cell_key", "seconds", "note"]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -98,6 +98,7 @@ def trials_table(study: optuna.Study, keys: list[str]) -> tuple[list[str], list[
         cut_off = t.state == optuna.trial.TrialState.FAIL and "reason" not in t.user_attrs
         redo = f"redo of trial {t.user_attrs['redo_of']}" if "redo_of" in t.user_attrs else ""
         note = t.user_attrs.get("reason") or ("cut off by a kill, redone" if cut_off else redo)
+        note = "chosen" if t.number == chosen else note
         rows.append([t.number, t.state.name, t.value, len(t.intermediate_values)] + [t.params.get(k) for k in keys]
                     + [t.user_attrs.get("cell_key"), seconds, note])
     return header, rows
