@@ -17,6 +17,7 @@ import csv
 import io
 from pathlib import Path
 
+from peftlab.config import dotted
 from peftlab.errors import PeftlabError
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import atomic_write_text
@@ -48,7 +49,8 @@ def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = 
         header, rows = table_grid(table)
         write_csv(out / "tables" / f"{table.name}.csv", header, rows)
     write_csv(out / "tables" / "cells.csv", CELL_COLUMNS, cell_rows(tables))
-    if (gap := selection_gap(tables)) is not None:
+    gap = selection_gap(tables)  # once, for the CSV and both pages
+    if gap is not None:
         write_csv(out / "tables" / "selection-gap.csv", GAP_HEADER, gap[0])
     figures, cost_plot = {}, None
     if plots:
@@ -56,8 +58,8 @@ def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = 
 
         figures = plot_tables(tables, zero_shot_baselines(tables), out / "plots")
         cost_plot = accuracy_vs_cost(tables, out / "plots" / "accuracy-vs-cost.png")
-    return {"markdown": write_markdown(out / "report.md", str(store_path), tables, figures, cost_plot),
-            "html": write_html(out / "report.html", str(store_path), tables, figures, cost_plot),
+    return {"markdown": write_markdown(out / "report.md", str(store_path), tables, figures, cost_plot, gap),
+            "html": write_html(out / "report.html", str(store_path), tables, figures, cost_plot, gap),
             "tables": out / "tables"}
 
 
@@ -96,13 +98,8 @@ BASELINE_KEYS = {"model.name": None, "data.source": None, "data.n_test": None, "
 
 
 def _setting(config: dict) -> tuple:
-    def get(key: str, default):
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return default if node is None else node
-
-    return tuple(str(get(k, default)) for k, default in BASELINE_KEYS.items())
+    flat = dotted(config)
+    return tuple(str(default if flat.get(k) is None else flat[k]) for k, default in BASELINE_KEYS.items())
 
 
 def zero_shot_baselines(tables: list[Table]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
 from peftlab.report.study import PREVIOUS_BEST
 from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note,
-                                   selection_gap, table_grid)
+                                   table_grid)
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -56,7 +56,7 @@ def failures(table: Table) -> list[str]:
 
 
 def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict[str, list[Path]],
-                   cost_plot: Path | None) -> Path:
+                   cost_plot: Path | None, gap: tuple[list[list[str]], str] | None = None) -> Path:
     lines = ["# peftlab results", "",
              f"Store `{store_path}`, report written {datetime.now():%Y-%m-%d %H:%M}. Cells: {counts(tables)}.", ""]
     for name, values in provenance(tables).items():
@@ -77,7 +77,7 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
         lines += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots.get(table.name, [])]
         lines += [""] + [f"- failed: {f}" for f in failures(table)]
         lines += ["", "Cost per cell:", "", markdown_table(COST_HEADER, cost_rows(table)), ""]
-    if (gap := selection_gap(tables)) is not None:
+    if gap is not None:  # tables.selection_gap: (rows, summary)
         lines += ["## Selection gap: the epoch chosen on test against on validation", "", GAP_NOTE, "",
                   markdown_table(GAP_HEADER, gap[0]), "", gap[1] + ".", ""]
     if cost_plot is not None:
@@ -123,7 +123,7 @@ def _img(path: Path) -> str:
 
 
 def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str, list[Path]],
-               cost_plot: Path | None) -> Path:
+               cost_plot: Path | None, gap: tuple[list[list[str]], str] | None = None) -> Path:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>peftlab results: {html.escape(Path(store_path).name)}</title><style>{CSS}</style></head><body>",
@@ -159,7 +159,7 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
             parts.append(f'<p class="failed">failed: {html.escape(failure)}</p>')
         parts.append("<details><summary>Cost per cell</summary>" +
                      html_table(COST_HEADER, cost_rows(table), cls="cost") + "</details>")
-    if (gap := selection_gap(tables)) is not None:
+    if gap is not None:
         parts.append('<h2 id="selection-gap">Selection gap: the epoch chosen on test against on validation</h2>'
                      f'<p class="note">{html.escape(GAP_NOTE)}</p>' + html_table(GAP_HEADER, gap[0]) +
                      f'<p class="note">{html.escape(gap[1])}.</p>')

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftlab.experiments.grid import format_value, short_name
 from peftlab.report.confusion import best_record, confusion_heat_map
-from peftlab.report.tables import Table, row_label, seconds_per_epoch
+from peftlab.report.tables import Table, is_val_twin, row_label, seconds_per_epoch
 
 DPI = 110
 
@@ -207,8 +207,8 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
     plt = _pyplot()
     series = []
     for table in tables:
-        if table.facet.get("selected_on") == "val":
-            continue  # report.tables.chosen_on_val's twin: the same runs again
+        if is_val_twin(table):
+            continue  # the same runs again
         points = [c.record for c in table.cells if c.status == "finished" and c.record.get("train_tokens")]
         if points:
             series.append((table.name, points))

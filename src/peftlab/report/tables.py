@@ -200,6 +200,11 @@ def chosen_on_val(table: Table) -> Table | None:
     return twin
 
 
+def is_val_twin(table: Table) -> bool:
+    """Whether a table is chosen_on_val's twin of another: the same runs, read at the validation-chosen epoch."""
+    return table.facet.get("selected_on") == "val"
+
+
 GAP_HEADER = ["table", "setting", "seed", "test % by epoch", "validation % by epoch", "chosen on test % (k)",
               "chosen on validation % (k)", "gap, points"]
 
@@ -211,8 +216,8 @@ def selection_gap(tables: list[Table]) -> tuple[list[list[str]], str] | None:
     test-chosen epoch is the run's best test accuracy. None when no run has both."""
     runs = []
     for table in tables:
-        if table.facet.get("selected_on") == "val":
-            continue  # chosen_on_val's twin: the same runs again
+        if is_val_twin(table):
+            continue  # the same runs again
         for cell in table.cells:
             r = cell.record or {}
             on_val = r.get("selected_on_val")
@@ -224,6 +229,7 @@ def selection_gap(tables: list[Table]) -> tuple[list[list[str]], str] | None:
             runs.append((table.sweep, setting or "single run", value_of(cell, "train.seed"), r, on_val, gap))
     if not runs:
         return None
+
     def by_epoch(r: dict, key: str) -> str:
         return " / ".join(f"{100 * e[key]:.2f}" if e.get(key) is not None else "—" for e in r.get("per_epoch") or [])
 
