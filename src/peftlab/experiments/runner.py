@@ -111,8 +111,8 @@ def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: S
     sweep.cells = with_earlier_keys(sweep.cells, store)
     members = with_earlier_keys(sweep.members, store)
     group_sweep(sweep.cells, sweep.name)  # trackers: one run per cell, grouped by the sweep (peftlab.tracking)
-    left_out = [c.key for c in store.cells(sweep.name)
-                if c.status == "finished" and c.key not in {m.key for m in members}]
+    member_keys = {m.key for m in members}
+    left_out = [c.key for c in store.cells(sweep.name) if c.status == "finished" and c.key not in member_keys]
     if left_out:  # a flag on a key that is not a grid key (--lr, --seed) changes every cell of the table
         print(f"note: {len(left_out)} finished cells of sweep {sweep.name} ({', '.join(left_out[:3])}"
               f"{', ...' if len(left_out) > 3 else ''}) are not cells of this run's settings: the sweep's table "
