@@ -300,3 +300,13 @@ def test_the_study_models_join_a_zero_shot_table_of_models_but_not_a_table_of_k_
     assert tables["zero-shot"].rows == ["smollm2", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf",
                                         "meta-llama/Llama-2-70b-hf"]                # the study's three beside ours
     assert tables["shots"].study is None and tables["shots"].rows == [0, 4]          # k rows, no LLaMA rows
+
+
+def test_the_best_cell_is_named_by_its_case_where_the_sweep_has_cases():
+    """rslora and dora are both peft's `lora`: a cases sweep's best cell is named by its case, a grid's by its method."""
+    from peftlab.report.confusion import describe_cell
+
+    rslora = record(0.915, 150, 0.0) | {"cell": {"params": {"case": "rslora", "train.lr": 1.5e-3}}, "macro_f1": 0.914}
+    grid = record(0.88, 500, 0.1) | {"cell": {"params": {"data.n_train": 500}}, "macro_f1": 0.88}
+    assert describe_cell(rslora).startswith("rslora N=150, 2000 test examples, accuracy 91.5 %, macro-F1 91.4 %")
+    assert describe_cell(grid).startswith("lora N=500, 2000 test examples, accuracy 88.0 %")

@@ -20,10 +20,12 @@ def best_record(table: Table) -> dict | None:
 
 
 def describe_cell(record: dict) -> str:
-    """The settings that tell the best cell apart: N, method, normalisation and calibration."""
+    """The settings that tell the best cell apart: N, method (the sweep's case where it has cases: rslora and
+    dora are both peft's lora), normalisation and calibration."""
     config = record.get("config", {})
     data, method, evaluate = config.get("data", {}), config.get("method", {}), config.get("eval", {})
-    run = "zero-shot" if data.get("n_train") == 0 else f"{method.get('method', '?')} N={data.get('n_train', '?')}"
+    name = record.get("cell", {}).get("params", {}).get("case") or method.get("method", "?")
+    run = "zero-shot" if data.get("n_train") == 0 else f"{name} N={data.get('n_train', '?')}"
     shots = config.get("prompt", {}).get("shots") or 0
     run += f", {shots}-shot" if shots else ""
     scored = "validation" if config.get("train", {}).get("score_test") is False and data.get("n_train") else "test"
