@@ -40,6 +40,9 @@ EXPERIMENT_COMMANDS = {
 DEFAULT_STORE = "runs/sweeps/results.sqlite"
 EXPORT_HELP = ("merge a LoRA-family adapter into its base model and save it as a plain Hugging Face folder "
                "(safetensors + tokenizer) for AutoModelForCausalLM.from_pretrained")
+COMPARE_HELP = ("compare two runs scored on the same examples, example by example: each accuracy with its Wilson "
+                "interval (95 percent), the examples only one of them gets right, and McNemar's exact paired test "
+                "(B against A)")
 RERUN_HELP = ("run RUN_DIR/config.yaml again into a new folder and say whether the sample, metrics and "
               "adapter came out the same")
 
@@ -144,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
             add_plan_flags(p)
     add_experiment_parsers(sub)
     add_export_parser(sub)
+    p = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP)
+    p.add_argument("run_a", metavar="RUN_A", help="the --out folder of a finished train or eval run")
+    p.add_argument("run_b", metavar="RUN_B", help="another, scored on the same examples")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p = sub.add_parser("rerun", help=RERUN_HELP, description=RERUN_HELP)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a train or eval run")
     p.add_argument("--out", help="folder of the new run [default: RUN_DIR-rerun-<n>]")
@@ -410,6 +417,12 @@ def run_command(args: argparse.Namespace) -> int:
         return run_experiment_command(args)
     if args.command == "rerun":
         return rerun_command(args)
+    if args.command == "compare":
+        from peftlab.evaluate.paired import compare_runs, describe_comparison
+
+        result = compare_runs(args.run_a, args.run_b)
+        print(json.dumps(result) if args.json else describe_comparison(result))
+        return 0
     if args.command == "export":
         quiet_libraries()
         from peftlab.models.export import export_merged

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import warnings
 from pathlib import Path
 
 import optuna
 
 from peftlab.config import RunConfig, dotted, dump_yaml
-from peftlab.records import RunFolder, atomic_write_text, write_json
+from peftlab.records import atomic_write_text, write_json
 
 
 def write_outputs(tune, study: optuna.Study, best: optuna.trial.FrozenTrial, final: RunConfig, record: dict,
@@ -53,24 +52,17 @@ def write_outputs(tune, study: optuna.Study, best: optuna.trial.FrozenTrial, fin
 
 def paired_comparison(best: dict, baseline: dict) -> dict:
     """The tuned and the untuned run on the same test examples (their predictions.jsonl): the accuracy
-    difference, the examples only one of them gets right, and McNemar's exact p-value."""
-    from peftlab.evaluate.metrics import mcnemar_exact
+    difference, the examples only one of them gets right, and McNemar's exact p-value (evaluate/paired.py)."""
+    from peftlab.errors import PeftlabError
+    from peftlab.evaluate.paired import correct_by_id, paired_counts
 
-    def correct(record: dict) -> dict | None:
-        path = RunFolder(Path(record.get("out") or "")).predictions_file
-        if not path.is_file():
-            return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {row["id"]: bool(row["correct"]) for row in rows}
-
-    a, b = correct(best), correct(baseline)
     out = {"difference": best["accuracy"] - baseline["accuracy"]}
-    if a is None or b is None or set(a) != set(b):
+    try:
+        counts = paired_counts(correct_by_id(baseline.get("out") or ""), correct_by_id(best.get("out") or ""))
+    except PeftlabError:
         return {**out, "note": "no paired test: the two runs' predictions are missing or not of the same examples"}
-    only_best = sum(a[i] and not b[i] for i in a)
-    only_baseline = sum(b[i] and not a[i] for i in a)
-    return {**out, "n": len(a), "only_best_correct": only_best, "only_baseline_correct": only_baseline,
-            "mcnemar_p": mcnemar_exact(only_best, only_baseline)}
+    return {**out, "n": counts["n"], "only_best_correct": counts["only_b_correct"],
+            "only_baseline_correct": counts["only_a_correct"], "mcnemar_p": counts["mcnemar_p"]}
 
 
 def baseline_line(summary: dict) -> str:

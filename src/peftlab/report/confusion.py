@@ -23,7 +23,7 @@ def describe_cell(record: dict) -> str:
     """The settings that tell the best cell apart: N, method (the sweep's case where it has cases: rslora and
     dora are both peft's lora), normalisation and calibration."""
     config = record.get("config", {})
-    data, method, evaluate = config.get("data", {}), config.get("method", {}), config.get("eval", {})
+    data, method = config.get("data", {}), config.get("method", {})
     name = record.get("cell", {}).get("params", {}).get("case") or method.get("method", "?")
     run = "zero-shot" if data.get("n_train") == 0 else f"{name} N={data.get('n_train', '?')}"
     shots = config.get("prompt", {}).get("shots") or 0

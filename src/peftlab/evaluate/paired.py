@@ -1,0 +1,72 @@
+"""Two runs scored on the same examples, compared example by example (`peftlab compare`, the tune's baseline).
+
+Each run's predictions.jsonl says which examples it got right. The examples only one of the two gets right
+decide: McNemar's exact test asks whether they split further from half and half than chance would (McNemar
+1947). This is stronger than comparing the two Wilson intervals, which treat the runs as scored on
+independent samples: two runs on the same 2000 reviews whose intervals overlap can still differ by a margin
+the paired test supports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+from peftlab.evaluate.metrics import mcnemar_exact, wilson_interval
+from peftlab.records import RunFolder
+
+
+def correct_by_id(run_dir: str | Path) -> dict[str, bool]:
+    """Whether the run got each example right, by example id, from its predictions.jsonl."""
+    path = RunFolder(Path(run_dir).expanduser()).predictions_file
+    if not path.is_file():
+        raise PeftlabError(f"{run_dir} has no predictions.jsonl: give the --out folder of a finished train or "
+                           "eval run")
+    correct = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            correct[str(row["id"])] = bool(row["correct"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise PeftlabError(f"{path} line {number} is not a prediction (JSON with 'id' and 'correct'); "
+                               "the file is damaged: rerun the run (`peftlab rerun`)") from None
+    return correct
+
+
+def paired_counts(a: dict[str, bool], b: dict[str, bool]) -> dict:
+    """Accuracies (with Wilson intervals), the discordant examples and McNemar's exact p of two runs on the same
+    examples."""
+    if set(a) != set(b):
+        common = len(set(a) & set(b))
+        raise PeftlabError(f"the two runs were not scored on the same examples ({len(a)} and {len(b)}, {common} "
+                           "in common); a paired test needs one test subset: the same data, data.n_test and "
+                           "data.data_seed")
+    n = len(a)
+    right_a, right_b = sum(a.values()), sum(b.values())
+    only_a = sum(a[i] and not b[i] for i in a)
+    only_b = sum(b[i] and not a[i] for i in a)
+    return {"n": n, "accuracy_a": right_a / n, "ci95_a": list(wilson_interval(right_a, n)),
+            "accuracy_b": right_b / n, "ci95_b": list(wilson_interval(right_b, n)),
+            "difference": (right_b - right_a) / n, "only_a_correct": only_a, "only_b_correct": only_b,
+            "mcnemar_p": mcnemar_exact(only_a, only_b)}
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
+    """The paired comparison of two run folders (B against A)."""
+    return {"a": str(run_a), "b": str(run_b), **paired_counts(correct_by_id(run_a), correct_by_id(run_b))}
+
+
+def describe_comparison(result: dict, alpha: float = 0.05) -> str:
+    """Two lines: each run's accuracy, then the difference, the discordant examples and the test."""
+    def acc(side: str) -> str:
+        low, high = result[f"ci95_{side}"]
+        return f"{100 * result[f'accuracy_{side}']:.2f} % ({100 * low:.1f}-{100 * high:.1f})"
+
+    verdict = "supported" if result["mcnemar_p"] < alpha else "not supported"
+    return (f"A {result['a']}: {acc('a')}; B {result['b']}: {acc('b')}; the same {result['n']} examples\n"
+            f"B - A: {100 * result['difference']:+.2f} points; {result['only_b_correct']} examples only B gets right, "
+            f"{result['only_a_correct']} only A; McNemar exact p = {result['mcnemar_p']:.3g} ({verdict} at the "
+            f"{100 * alpha:g} % level)")

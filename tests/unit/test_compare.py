@@ -1,0 +1,79 @@
+"""`peftlab compare`: two runs on the same examples, example by example, against hand-counted figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftlab.cli import main
+
+
+def run_folder(path, correct: list[bool], ids: list[str] | None = None):
+    """A run folder as a finished run leaves it, reduced to what compare reads: predictions.jsonl."""
+    path.mkdir(parents=True)
+    ids = ids or [f"test/r{i}" for i in range(len(correct))]
+    lines = [json.dumps({"id": i, "label": "positive", "pred": "positive" if ok else "negative", "correct": ok,
+                         "scores": {"negative": -1.0, "positive": -0.5}}) for i, ok in zip(ids, correct)]
+    (path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    # 40 examples: both right on 20, both wrong on 8, only A right on 10, only B right on 2.
+    a = [True] * 20 + [False] * 8 + [True] * 10 + [False] * 2
+    b = [True] * 20 + [False] * 8 + [False] * 10 + [True] * 2
+    return run_folder(tmp_path / "a", a), run_folder(tmp_path / "b", b)
+
+
+def test_compare_counts_the_discordant_examples_and_tests_them(two_runs, capsys):
+    a, b = two_runs
+    assert main(["compare", str(a), str(b), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n"], result["only_a_correct"], result["only_b_correct"]) == (40, 10, 2)
+    assert (result["accuracy_a"], result["accuracy_b"]) == (30 / 40, 22 / 40)
+    assert result["difference"] == pytest.approx(-8 / 40)
+    # Exact two-sided McNemar by hand: 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * (1 + 12 + 66) / 4096.
+    assert result["mcnemar_p"] == pytest.approx(158 / 4096)
+    # Wilson interval of 30/40 by hand (z = 1.96): centre (0.75 + 1.96²/80) / (1 + 1.96²/40).
+    z = 1.959964
+    centre = (0.75 + z * z / 80) / (1 + z * z / 40)
+    half = z * (0.75 * 0.25 / 40 + z * z / 6400) ** 0.5 / (1 + z * z / 40)
+    assert result["ci95_a"] == pytest.approx([centre - half, centre + half])
+
+
+def test_compare_says_it_in_two_lines(two_runs, capsys):
+    a, b = two_runs
+    assert main(["compare", str(a), str(b)]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first == f"A {a}: 75.00 % (59.8-85.8); B {b}: 55.00 % (39.8-69.3); the same 40 examples"
+    assert second == ("B - A: -20.00 points; 2 examples only B gets right, 10 only A; McNemar exact p = 0.0386 "
+                      "(supported at the 5 % level)")
+
+
+def test_runs_that_never_disagree_are_not_told_apart(tmp_path, capsys):
+    same = [True, False] * 10
+    a, b = run_folder(tmp_path / "a", same), run_folder(tmp_path / "b", same)
+    assert main(["compare", str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mcnemar_p"] == 1.0
+
+
+@pytest.mark.parametrize("case", ["other-examples", "no-predictions", "damaged"])
+def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys, case):
+    a = run_folder(tmp_path / "a", [True] * 10)
+    if case == "other-examples":
+        b = run_folder(tmp_path / "b", [True] * 10, ids=[f"test/other{i}" for i in range(10)])
+        expected = ("the two runs were not scored on the same examples (10 and 10, 0 in common); a paired test "
+                    "needs one test subset: the same data, data.n_test and data.data_seed")
+    elif case == "no-predictions":
+        b = tmp_path / "b"
+        b.mkdir()
+        expected = f"{b} has no predictions.jsonl: give the --out folder of a finished train or eval run"
+    else:
+        b = run_folder(tmp_path / "b", [True] * 10)
+        (b / "predictions.jsonl").write_text('{"id": "test/r0", "correct": true}\n{"id": "test/r1"\n')
+        expected = (f"{b / 'predictions.jsonl'} line 2 is not a prediction (JSON with 'id' and 'correct'); the file "
+                    "is damaged: rerun the run (`peftlab rerun`)")
+    assert main(["compare", str(a), str(b)]) == 2
+    assert capsys.readouterr().err.strip() == f"peftlab: error: {expected}"
