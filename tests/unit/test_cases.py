@@ -86,19 +86,21 @@ def test_the_method_comparison_runs_every_method_on_the_tiny_model(tmp_path, tin
             "train.epochs": "1", "train.batch_size": "4", "method.virtual_tokens": "4"}
     sweep = load_sweep(ROOT / "configs/sweeps/smollm2-methods-lr.yaml", tiny, out=tmp_path / "out")
     cases = list(dict.fromkeys(c.params["case"] for c in sweep.cells))
-    assert cases == ["lora", "dora", "rslora", "ia3", "loha", "lokr", "prompt-tuning", "p-tuning", "prefix-tuning"]
+    assert cases == ["lora", "dora", "rslora", "ia3", "loha", "lokr", "prompt-tuning", "p-tuning", "prefix-tuning",
+                     "vera", "oft", "hra", "ln-tuning"]
     one_each = [next(c for c in sweep.cells if c.params["case"] == case) for case in cases]  # one lr per method
     sweep = dataclasses.replace(sweep, cells=one_each, members=one_each)
     store_path = tmp_path / "r.sqlite"
     with ResultsStore(store_path, writer=True) as store:
         outcome = run_sweep(sweep, store, log=lambda _: None)
-        assert not outcome.failed and len(outcome.ran) == 9 and outcome.model_loads == 1
+        assert not outcome.failed and len(outcome.ran) == 13 and outcome.model_loads == 1
         cells = {c.params["case"]: c for c in store.cells(sweep.name)}
         trainable = {case: cells[case].record["trainable_parameters"] for case in cases}
         saved = {case: json.loads((Path(cells[case].record["out"]) / "adapter" / "adapter_config.json").read_text())
-                 for case in cases}                            # what plain peft will load: nine kinds of adapter
+                 for case in cases}                            # what plain peft will load: 13 kinds of adapter
         assert [saved[c]["peft_type"] for c in cases] == ["LORA", "LORA", "LORA", "IA3", "LOHA", "LOKR",
-                                                          "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"]
+                                                          "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "VERA",
+                                                          "OFT", "HRA", "LN_TUNING"]
         assert [(saved[c]["use_dora"], saved[c]["use_rslora"]) for c in ("lora", "dora", "rslora")] == \
             [(False, False), (True, False), (False, True)]
         assert trainable["dora"] > trainable["lora"] == trainable["rslora"]  # DoRA adds a magnitude vector
