@@ -37,6 +37,13 @@ def build_peft_config(config: MethodConfig, head: bool = False):
     import peft
 
     name = peft_type_name(config.method)
+    if name == "ADALORA":
+        # AdaLoRA's rank budget moves only when the training loop calls update_and_allocate(step) after each
+        # optimiser step, and its orthogonality penalty joins the loss only inside peft's forward with labels;
+        # peftlab's loop does neither, so it would train a plain SVD-shaped LoRA under AdaLoRA's name.
+        raise PeftlabError("method adalora is not supported: its rank allocation needs a training loop that calls "
+                           "update_and_allocate at every step; use lora (or lora with peft_options {use_rslora: "
+                           "true}, or use_dora)")
     options = dict(config.peft_options or {})
     if name == "LORA":
         kwargs = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
