@@ -40,11 +40,12 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--adapter", help="a trained adapter folder (peftlab train's adapter/): its decisions "
                         "instead of the base model's zero-shot ones")
+    parser.add_argument("--model", default="smollm2", help="model.name (smollm2, gemma3-270m, a folder, ...)")
     parser.add_argument("--dtype", default="auto", help="model.dtype (auto: bf16 where the CPU computes it fast)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cfg = build_config({"data.source": args.data, "data.labels": args.labels, "data.n_train": 0,
-                        "data.n_test": args.n_test, "model.dtype": args.dtype, "prompt.shots": args.shots})
+                        "data.n_test": args.n_test, "model.name": args.model, "model.dtype": args.dtype, "prompt.shots": args.shots})
     model, tok = load_base_model(cfg.model)
     if args.adapter:
         model = load_adapter(model, args.adapter)
