@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     cfg = build_config({"data.source": args.data, "data.labels": args.labels, "data.n_train": 0,
-                        "data.n_test": args.n_test, "model.name": args.model, "model.dtype": args.dtype, "prompt.shots": args.shots})
+                        "data.n_test": args.n_test, "model.name": args.model, "model.dtype": args.dtype,
+                        "prompt.shots": args.shots})
     model, tok = load_base_model(cfg.model)
     if args.adapter:
         model = load_adapter(model, args.adapter)
