@@ -24,7 +24,6 @@ from peftlab.errors import OutOfMemory, PeftlabError, is_out_of_memory
 from peftlab.models.quantization import quantized_loading
 
 
-
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model shipped as a GGUF file inside a PyPI package (installed with pip, found on disk)."""
