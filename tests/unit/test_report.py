@@ -310,3 +310,48 @@ def test_the_best_cell_is_named_by_its_case_where_the_sweep_has_cases():
     grid = record(0.88, 500, 0.1) | {"cell": {"params": {"data.n_train": 500}}, "macro_f1": 0.88}
     assert describe_cell(rslora).startswith("rslora N=150, 2000 test examples, accuracy 91.5 %, macro-F1 91.4 %")
     assert describe_cell(grid).startswith("lora N=500, 2000 test examples, accuracy 88.0 %")
+
+
+def test_each_row_of_a_search_gets_the_column_its_validation_split_prefers(tmp_path):
+    """A learning-rate search per method: per row, the highest validation accuracy (ties to the lower NLL), the
+    test accuracy never read, an end of the searched range flagged, a row with cells to come provisional."""
+    def val_run(val_accuracy: float, nll: float, test_accuracy: float | None = None) -> dict:
+        r = record(test_accuracy or val_accuracy, 150, 0.0)
+        r.update(selected_on="val", val={"accuracy": val_accuracy, "nll": nll})
+        if test_accuracy is None:
+            r.update(evaluated_on="val")
+        return r
+
+    path = tmp_path / "search.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        cells = [({"case": "a", "train.lr": 1e-3}, val_run(0.80, 0.50)),
+                 ({"case": "a", "train.lr": 3e-3}, val_run(0.85, 0.40, test_accuracy=0.70)),
+                 ({"case": "a", "train.lr": 1e-2}, val_run(0.85, 0.30, test_accuracy=0.60)),  # tie: lower NLL
+                 ({"case": "b", "train.lr": 1e-3}, val_run(0.70, 0.60, test_accuracy=0.95)),  # best test, not chosen
+                 ({"case": "b", "train.lr": 3e-3}, val_run(0.90, 0.30, test_accuracy=0.50)),
+                 ({"case": "b", "train.lr": 1e-2}, val_run(0.88, 0.31)),
+                 ({"case": "c", "train.lr": 1e-3}, val_run(0.75, 0.55)),
+                 ({"case": "c", "train.lr": 3e-3}, "TrainingDiverged: diverged at epoch 1, batch 2")]
+        add_sweep(store, "search", {"case": ["a", "b", "c"], "train.lr": [1e-3, 3e-3, 1e-2]}, cells,
+                  spec={"rows": "case", "columns": "train.lr"})
+    with ResultsStore(path) as store:
+        [table] = build_tables(store)
+    from peftlab.report.tables import row_choices
+
+    header, rows = row_choices(table)
+    assert header[:2] == ["case", "chosen"]
+    assert [row[:5] for row in rows] == [["a", "lr=0.01", "85.00", "0.3000", "3 of 3"],
+                                         ["b", "lr=0.003", "90.00", "0.3000", "3 of 3"],
+                                         ["c", "lr=0.001", "75.00", "0.5500", "1 of 2"]]
+    assert "upper end" in rows[0][5] and rows[1][5] == ""
+    assert "lower end" in rows[2][5] and "provisional" in rows[2][5]
+    write_report(path, tmp_path / "report", plots=False)
+    with (tmp_path / "report" / "tables" / "search-choices.csv").open() as f:
+        assert list(csv.reader(f))[2][:2] == ["b", "lr=0.003"]
+    # A grid whose runs chose their epoch on the test subset gets no choice: its validation figures carry it.
+    with ResultsStore(tmp_path / "study.sqlite", writer=True) as store:
+        add_sweep(store, "grid", {"data.n_train": [50], "method.lora_dropout": [0.0, 0.1]},
+                  [({"data.n_train": 50, "method.lora_dropout": d}, record(0.6, 50, d) | {"val": {"accuracy": 0.7}})
+                   for d in (0.0, 0.1)])
+        [grid] = build_tables(store)
+    assert row_choices(grid) is None

@@ -15,7 +15,7 @@ from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
 from peftlab.report.study import PREVIOUS_BEST
 from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note,
-                                   table_grid)
+                                   row_choices, table_grid)
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -70,6 +70,8 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
             lines += [f"`{table.command}`", ""]
         header, rows = table_grid(table)
         lines += [markdown_table(header, rows), "", f"Scored with {decision_settings(table)}.", ""]
+        if (choices := row_choices(table)) is not None:
+            lines += [CHOICE_NOTE, "", markdown_table(*choices), ""]
         if (best := best_record(table)) is not None:
             lines += [f"Confusion matrix of the best cell ({describe_cell(best)}):", "", *confusion_markdown(best), ""]
         if table.study:
@@ -85,6 +87,10 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
         lines += ["## Accuracy against cost", "", f"![accuracy vs cost]({link})", ""]
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+CHOICE_NOTE = ("The choice per row on the validation split (the test subset is not read): the highest validation "
+               "accuracy, ties to the lower validation NLL.")
 
 
 GAP_NOTE = ("Runs that chose their epoch on the test subset (the study's protocol) and scored the validation "
@@ -146,6 +152,8 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
         study_cols = {j for j, h in enumerate(header) if "study" in h}
         parts.append(html_table(header, rows, study_cols))
         parts.append(f'<p class="note">Scored with {html.escape(decision_settings(table))}.</p>')
+        if (choices := row_choices(table)) is not None:
+            parts.append(f'<p class="note">{html.escape(CHOICE_NOTE)}</p>' + html_table(*choices))
         if (best := best_record(table)) is not None:
             labels, matrix = best["confusion"]["labels"], best["confusion"]["matrix"]
             parts.append(f'<p class="note">Confusion matrix of the best cell ({html.escape(describe_cell(best))}):</p>'

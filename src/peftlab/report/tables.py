@@ -245,6 +245,62 @@ def selection_gap(tables: list[Table]) -> tuple[list[list[str]], str] | None:
     return rows, summary
 
 
+CHOICE_HEADER = ["row", "chosen", "validation %", "validation NLL", "settings finished", "note"]
+
+
+def validation_score(record: dict) -> tuple[float, float] | None:
+    """(accuracy, NLL) of a run on its validation split at the epoch it chose; None when it scored none, or
+    when the test subset chose that epoch (the validation figure would then carry the test's choice)."""
+    if "best_epoch" in record and record.get("selected_on", "test") == "test":
+        return None
+    val = record.get("val") or (record if record.get("evaluated_on") == "val" else None)
+    if not val or val.get("accuracy") is None:
+        return None
+    return val["accuracy"], val.get("nll", math.inf)
+
+
+def row_choices(table: Table) -> tuple[list[str], list[list[str]]] | None:
+    """Per row, the column its validation split prefers (the learning rate a search picks for each method):
+    the highest mean validation accuracy over seeds, ties to the lower validation NLL. The test subset is
+    never read. A choice at either end of the values the row searched is flagged, as the best may lie
+    beyond it; one made before every setting of the row finished is flagged as provisional. None for a
+    table with one column or runs without a validation split."""
+    if table.col_key is None or len(table.cols) < 2 or is_val_twin(table):
+        return None
+    lines = []
+    for r in table.rows:
+        searched = [c for c in table.cols if _has_cells(table.entries[(r, c)])]
+        scored = {}
+        for c in searched:
+            scores = [validation_score(rec) for rec in table.entries[(r, c)].records]
+            if scores and all(s is not None for s in scores):
+                scored[c] = (statistics.mean(s[0] for s in scores), statistics.mean(s[1] for s in scores))
+        if not searched:
+            continue
+        if not scored:
+            lines.append([row_label(table, r), "—", "", "", f"0 of {len(searched)}", "nothing finished yet"])
+            continue
+        best = max(scored, key=lambda c: (scored[c][0], -scored[c][1]))
+        notes = []
+        numbers = [c for c in searched if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if len(numbers) == len(searched) >= 2 and best in (min(numbers), max(numbers)):
+            notes.append(f"at the {'lower' if best == min(numbers) else 'upper'} end of the values searched: "
+                         "the best may lie beyond")
+        if len(scored) < len(searched):
+            notes.append("provisional: not every setting has finished")
+        accuracy, nll = scored[best]
+        lines.append([row_label(table, r), f"{short_name(table.col_key)}={format_value(best)}",
+                      f"{100 * accuracy:.2f}", "" if math.isinf(nll) else f"{nll:.4f}",
+                      f"{len(scored)} of {len(searched)}", "; ".join(notes)])
+    if not lines or all(line[1] == "—" for line in lines):
+        return None
+    return [short_name(table.row_key), *CHOICE_HEADER[1:]], lines
+
+
+def _has_cells(entry: Entry) -> bool:
+    return bool(entry.records or entry.failed or entry.unfinished or entry.interrupted or entry.pending)
+
+
 def overlap_marks(rows: list, cols: list, interval) -> dict:
     """(row, col) -> marks for intervals that overlap the left or upper neighbour's."""
     def overlaps(a, b):
