@@ -32,6 +32,7 @@ from peftlab.distributed import SINGLE, Cluster, join_cluster
 from peftlab.errors import PeftlabError, resource_errors
 from peftlab.evaluate.calibration import decide, fit_validation_prior
 from peftlab.evaluate.metrics import metrics_from_scores
+from peftlab.evaluate.paired import correct_bits
 from peftlab.evaluate.scoring import ScoreResult, build_rows, read_ids, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
 from peftlab.models.head import HeadSpec, class_head, head_record
@@ -101,6 +102,8 @@ class Run:
     def finish(self, metrics: dict, predictions: list[dict]) -> dict:
         """Write predictions and metrics (rank 0), and return the metrics with the run folder in them."""
         metrics["out"] = str(self.folder.path) if self.folder else self.config.out
+        if predictions:  # the report's paired tests read them from the store (evaluate/paired.py)
+            metrics["correct_bits"] = correct_bits(predictions)
         if self.folder is not None:
             self.folder.finish(metrics, predictions)
         return metrics

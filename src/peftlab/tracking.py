@@ -206,7 +206,7 @@ class Trackers:
         self._each(lambda t: t.log(values, self.step))
 
     def final(self, metrics: dict, adapter: Path | None) -> None:
-        values = scalars({k: v for k, v in metrics.items() if k != "per_epoch"})
+        values = scalars({k: v for k, v in metrics.items() if k not in ("per_epoch", "correct_bits")})
         if metrics.get("evaluated_on") == "val":  # a tune trial never scores the test subset: say what was scored
             values = {f"val/{k}": v for k, v in values.items()}
         self._each(lambda t: t.final(values, self.step))

@@ -37,6 +37,12 @@ def test_train_writes_the_run_folder(trained):
     lines = [json.loads(x) for x in (trained / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {"id", "label", "pred", "scores"} <= set(lines[0])
     assert sum(x["correct"] for x in lines) / 12 == pytest.approx(metrics["accuracy"])
+    # One bit an example in the record, for the report's paired tests: example i of the sorted ids is bit i.
+    bits = metrics["correct_bits"]
+    packed = bytes.fromhex(bits["bits"])
+    by_id = {x["id"]: x["correct"] for x in lines}
+    assert bits["n"] == 12 and [bool(packed[i // 8] >> (7 - i % 8) & 1) for i in range(12)] == \
+        [by_id[i] for i in sorted(by_id)]
 
 
 def test_eval_of_the_adapter_reproduces_the_training_predictions(trained, imdb_dir, tmp_path):

@@ -77,3 +77,26 @@ def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys, case):
                     "is damaged: rerun the run (`peftlab rerun`)")
     assert main(["compare", str(a), str(b)]) == 2
     assert capsys.readouterr().err.strip() == f"peftlab: error: {expected}"
+
+
+def test_the_record_bits_pair_runs_as_their_prediction_files_do(two_runs, tmp_path):
+    """correct_bits by hand, and the pairing of two metrics records equal to compare on the two folders."""
+    from peftlab.evaluate.paired import compare_runs, correct_bits, paired_records
+
+    # ids sorted: a (wrong), b (right), c (right), d (wrong) -> 0110 0000 -> "60".
+    bits = correct_bits([{"id": "b", "correct": True}, {"id": "d", "correct": False},
+                         {"id": "a", "correct": False}, {"id": "c", "correct": True}])
+    assert (bits["n"], bits["bits"]) == (4, "60")
+    records = []
+    for folder in two_runs:
+        lines = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+        records.append({"correct_bits": correct_bits(lines[::-1])})  # any order of the lines: sorted by id
+    paired = paired_records(*records)
+    folders = compare_runs(*two_runs)
+    assert {k: paired[k] for k in paired} == {k: folders[k] for k in paired}
+    assert (paired["only_a_correct"], paired["only_b_correct"]) == (10, 2)
+    # Other examples, or a record from before the bits: nothing to pair.
+    other = run_folder(tmp_path / "other", [True] * 40, ids=[f"test/s{i}" for i in range(40)])
+    other_bits = correct_bits([json.loads(x) for x in (other / "predictions.jsonl").read_text().splitlines()])
+    assert paired_records(records[0], {"correct_bits": other_bits}) is None
+    assert paired_records(records[0], {"accuracy": 0.5}) is None

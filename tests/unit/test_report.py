@@ -355,3 +355,41 @@ def test_each_row_of_a_search_gets_the_column_its_validation_split_prefers(tmp_p
                    for d in (0.0, 0.1)])
         [grid] = build_tables(store)
     assert row_choices(grid) is None
+
+
+def test_every_run_is_set_against_the_best_example_by_example_with_holms_correction(tmp_path):
+    """Hand-built per-example results on 40 examples: discordant counts, exact McNemar p by hand, and Holm's
+    step-down (X's p = 0.039 is under 5 % alone but not under 5 %/2 once Z's tiny p has taken the first step)."""
+    from peftlab.evaluate.paired import correct_bits
+    from peftlab.report.paired_tests import paired_with_best
+
+    def run(right: set[int], n_train: int, dropout: float) -> dict:
+        r = record(len(right) / 40, n_train, dropout)
+        r.update(n=40, correct_bits=correct_bits([{"id": f"r{i:02d}", "correct": i in right} for i in range(40)]))
+        r["selected_on_val"] = {"epoch": 1, "accuracy": 0.5, "ci95": [0.4, 0.6], "val_accuracy": 0.5}
+        return r
+
+    best = set(range(36))
+    x = (best - set(range(10))) | {36, 37}      # only the best right on 10, only X on 2
+    y = (best - {0, 1}) | {36}                  # 2 and 1
+    z = best - set(range(15))                   # 15 and 0
+    path = tmp_path / "paired.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "grid", {"data.n_train": [50, 150], "method.lora_dropout": [0.0, 0.1]},
+                  [({"data.n_train": 50, "method.lora_dropout": 0.0}, run(z, 50, 0.0)),
+                   ({"data.n_train": 50, "method.lora_dropout": 0.1}, run(y, 50, 0.1)),
+                   ({"data.n_train": 150, "method.lora_dropout": 0.0}, run(x, 150, 0.0)),
+                   ({"data.n_train": 150, "method.lora_dropout": 0.1}, run(best, 150, 0.1))])
+    with ResultsStore(path) as store:
+        table, twin = build_tables(store)
+    header, rows, summary = paired_with_best(table)
+    assert [row[0] for row in rows] == ["N=50, d=0.0", "N=50, d=0.1", "N=150, d=0.0"]
+    assert [row[3:5] for row in rows] == [["15", "0"], ["2", "1"], ["10", "2"]]
+    assert [float(row[5]) for row in rows] == pytest.approx([2 / 2 ** 15, 1.0, 158 / 4096], rel=1e-3)
+    assert [row[6] for row in rows] == ["yes", "no", "no"]
+    assert [row[2] for row in rows] == ["-37.50", "-2.50", "-20.00"]
+    assert summary.startswith("Best: N=150, d=0.1 (90.00 %). Not told apart from it: N=50, d=0.1; N=150, d=0.0")
+    assert paired_with_best(twin) is None  # the validation-chosen epochs: no per-example results
+    text = write_report(path, tmp_path / "report", plots=False)["markdown"].read_text()
+    assert "| N=150, d=0.0 | 70.00 | -20.00 | 10 | 2 | 0.0386 | no |" in text
+    assert (tmp_path / "report" / "tables" / "grid-paired.csv").is_file()

@@ -1,6 +1,9 @@
-"""Two runs scored on the same examples, compared example by example (`peftlab compare`, the tune's baseline).
+"""Two runs scored on the same examples, compared example by example (`peftlab compare`, the tune's baseline,
+the report's paired tests).
 
-Each run's predictions.jsonl says which examples it got right. The examples only one of the two gets right
+Each run's predictions.jsonl says which examples it got right, and so does its metrics record, one bit an
+example (`correct_bits`: 500 hex digits for 2000 test reviews), so that a report read from the results store
+can pair runs whose folders are gone. The examples only one of the two gets right
 decide: McNemar's exact test asks whether they split further from half and half than chance would (McNemar
 1947). This is stronger than comparing the two Wilson intervals, which treat the runs as scored on
 independent samples: two runs on the same 2000 reviews whose intervals overlap can still differ by a margin
@@ -9,6 +12,7 @@ the paired test supports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -34,6 +38,37 @@ def correct_by_id(run_dir: str | Path) -> dict[str, bool]:
             raise PeftlabError(f"{path} line {number} is not a prediction (JSON with 'id' and 'correct'); "
                                "the file is damaged: rerun the run (`peftlab rerun`)") from None
     return correct
+
+
+BITS_ENCODING = ("example ids sorted as strings; example i is bit i of `bits`, most significant bit of each byte "
+                 "first; ids_sha256: the sorted ids joined by newlines")
+
+
+def correct_bits(predictions: list[dict]) -> dict:
+    """Which examples a run got right, one bit each, for its metrics record (BITS_ENCODING)."""
+    rows = sorted(predictions, key=lambda p: str(p["id"]))
+    packed = bytearray((len(rows) + 7) // 8)
+    for i, row in enumerate(rows):
+        if row["correct"]:
+            packed[i // 8] |= 0x80 >> (i % 8)
+    ids = "\n".join(str(row["id"]) for row in rows).encode("utf-8", "surrogatepass")
+    return {"n": len(rows), "ids_sha256": hashlib.sha256(ids).hexdigest(), "bits": packed.hex(),
+            "encoding": BITS_ENCODING}
+
+
+def unpack_bits(entry: dict) -> dict[int, bool]:
+    """correct_bits back to {position among the sorted ids: right}."""
+    packed = bytes.fromhex(entry["bits"])
+    return {i: bool(packed[i // 8] & (0x80 >> (i % 8))) for i in range(entry["n"])}
+
+
+def paired_records(a: dict, b: dict) -> dict | None:
+    """paired_counts of two metrics records from their correct_bits (B against A); None where either record has
+    none (runs from before them) or the two scored other examples."""
+    bits_a, bits_b = a.get("correct_bits"), b.get("correct_bits")
+    if not bits_a or not bits_b or (bits_a["ids_sha256"], bits_a["n"]) != (bits_b["ids_sha256"], bits_b["n"]):
+        return None
+    return paired_counts(unpack_bits(bits_a), unpack_bits(bits_b))
 
 
 def paired_counts(a: dict[str, bool], b: dict[str, bool]) -> dict:

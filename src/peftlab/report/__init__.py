@@ -8,7 +8,8 @@
     <out>/tables/*.csv     each table as in the markdown; cells.csv: one row per cell with its cost
                            and calibration (nll, ece: 15 bins, brier, auroc; evaluate/calibration_metrics.py);
                            selection-gap.csv: runs that chose their epoch on test, at the validation-chosen epoch too;
-                           <table>-choices.csv: per row, the column the validation split prefers (a search's pick)
+                           <table>-choices.csv: per row, the column the validation split prefers (a search's pick);
+                           <table>-paired.csv: every run against the table's best, McNemar's exact test
     <out>/plots/*.png      accuracy vs N with 95% bands, heat maps, accuracy vs cost, reliability diagrams
 """
 
@@ -22,6 +23,7 @@ from peftlab.config import dotted
 from peftlab.errors import PeftlabError
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import atomic_write_text
+from peftlab.report.paired_tests import paired_with_best
 from peftlab.report.tables import GAP_HEADER, Table, build_tables, row_choices, selection_gap, table_grid
 
 CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method", "n_train", "n_test", "seed",
@@ -51,6 +53,8 @@ def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = 
         write_csv(out / "tables" / f"{table.name}.csv", header, rows)
         if (choices := row_choices(table)) is not None:
             write_csv(out / "tables" / f"{table.name}-choices.csv", *choices)
+        if (paired := paired_with_best(table)) is not None:
+            write_csv(out / "tables" / f"{table.name}-paired.csv", *paired[:2])
     write_csv(out / "tables" / "cells.csv", CELL_COLUMNS, cell_rows(tables))
     gap = selection_gap(tables)  # once, for the CSV and both pages
     if gap is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
+from peftlab.report.paired_tests import PAIRED_NOTE, paired_with_best
 from peftlab.report.study import PREVIOUS_BEST
 from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note,
                                    row_choices, table_grid)
@@ -72,6 +73,8 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
         lines += [markdown_table(header, rows), "", f"Scored with {decision_settings(table)}.", ""]
         if (choices := row_choices(table)) is not None:
             lines += [CHOICE_NOTE, "", markdown_table(*choices), ""]
+        if (paired := paired_with_best(table)) is not None:
+            lines += [PAIRED_NOTE, "", markdown_table(*paired[:2]), "", paired[2], ""]
         if (best := best_record(table)) is not None:
             lines += [f"Confusion matrix of the best cell ({describe_cell(best)}):", "", *confusion_markdown(best), ""]
         if table.study:
@@ -154,6 +157,9 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
         parts.append(f'<p class="note">Scored with {html.escape(decision_settings(table))}.</p>')
         if (choices := row_choices(table)) is not None:
             parts.append(f'<p class="note">{html.escape(CHOICE_NOTE)}</p>' + html_table(*choices))
+        if (paired := paired_with_best(table)) is not None:
+            parts.append(f'<p class="note">{html.escape(PAIRED_NOTE)}</p>' + html_table(*paired[:2]) +
+                         f'<p class="note">{html.escape(paired[2])}</p>')
         if (best := best_record(table)) is not None:
             labels, matrix = best["confusion"]["labels"], best["confusion"]["matrix"]
             parts.append(f'<p class="note">Confusion matrix of the best cell ({html.escape(describe_cell(best))}):</p>'

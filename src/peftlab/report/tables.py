@@ -187,8 +187,9 @@ def chosen_on_val(table: Table) -> Table | None:
         return None
     entries = {}
     for place, entry in table.entries.items():
+        # correct_bits (the paired tests') are the test-chosen epoch's: the twin has no per-example record
         records = [dict(r, accuracy=r["selected_on_val"]["accuracy"], ci95=r["selected_on_val"]["ci95"],
-                        best_epoch=r["selected_on_val"]["epoch"], selected_on="val")
+                        best_epoch=r["selected_on_val"]["epoch"], selected_on="val", correct_bits=None)
                    for r in entry.records if r.get("selected_on_val")]
         entries[place] = Entry(records=records, failed=entry.failed, unfinished=entry.unfinished,
                                interrupted=entry.interrupted, pending=entry.pending + len(entry.records) - len(records))
