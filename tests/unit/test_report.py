@@ -393,3 +393,24 @@ def test_every_run_is_set_against_the_best_example_by_example_with_holms_correct
     text = write_report(path, tmp_path / "report", plots=False)["markdown"].read_text()
     assert "| N=150, d=0.0 | 70.00 | -20.00 | 10 | 2 | 0.0386 | no |" in text
     assert (tmp_path / "report" / "tables" / "grid-paired.csv").is_file()
+
+
+def test_no_paired_tests_when_the_tables_best_has_no_per_example_results(tmp_path):
+    """Two runs with correct_bits under a better one from before them: "the best" would be the wrong one."""
+    from peftlab.evaluate.paired import correct_bits
+    from peftlab.report.paired_tests import paired_with_best
+
+    def run(right: int, dropout: float, bits: bool) -> dict:
+        r = record(right / 40, 50, dropout) | {"n": 40}
+        if bits:
+            r["correct_bits"] = correct_bits([{"id": f"r{i:02d}", "correct": i < right} for i in range(40)])
+        return r
+
+    path = tmp_path / "old.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "grid", {"data.n_train": [50], "method.lora_dropout": [0.0, 0.1, 0.2]},
+                  [({"data.n_train": 50, "method.lora_dropout": d}, run(right, d, bits))
+                   for d, right, bits in ((0.0, 30, True), (0.1, 38, False), (0.2, 20, True))])
+    with ResultsStore(path) as store:
+        [table] = build_tables(store)
+    assert paired_with_best(table) is None

@@ -40,15 +40,18 @@ def setting_name(table: Table, row, col) -> str:
 
 
 def paired_with_best(table: Table) -> tuple[list[str], list[list[str]], str] | None:
-    """(header, rows, summary) of every single run against the table's best single run; None when fewer than
-    two single runs hold per-example results."""
+    """(header, rows, summary) of every single run against the table's best; None when the best is not a single
+    run with per-example results, or no other run has them."""
     if is_val_twin(table):
         return None
     runs = {place: entry.records[0] for place, entry in table.entries.items()
             if len(entry.records) == 1 and entry.records[0].get("correct_bits")}
+    finished = [place for place, entry in table.entries.items() if entry.records]
     if len(runs) < 2:
         return None
-    best = max(runs, key=lambda place: runs[place]["accuracy"])
+    best = max(finished, key=lambda place: table.entries[place].accuracy)
+    if best not in runs:
+        return None  # the best is a mean over seeds or a run from before correct_bits: nothing to pair it with
     compared = []
     for place in [(r, c) for r in table.rows for c in table.cols]:
         if place == best or place not in runs:
