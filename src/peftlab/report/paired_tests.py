@@ -3,9 +3,10 @@
 The marks († / ‡) compare 95% intervals, which treat two runs as scored on independent samples. Every
 cell of a grid is scored on the same test reviews, so the examples only one of two runs gets right decide
 (evaluate/paired.py), and they separate differences the intervals cannot: the question a method
-comparison asks is which settings are indistinguishable from the best one. The table's best single run is
-set against every other single run whose record holds its per-example results (`correct_bits`; runs from
-before them, and means over seeds, are left out and said so). With m comparisons in a table, Holm's
+comparison asks is which settings are indistinguishable from the best one. The table's best setting, when it
+is a single run whose record holds its per-example results (`correct_bits`), is set against every other such
+run (runs from before them, and means over seeds, are left out and said so; a best without them gives no
+section). With m comparisons in a table, Holm's
 step-down procedure (Holm 1979) keeps the chance of any false "supported" at 5 %; the raw p-values are
 shown beside it.
 """
