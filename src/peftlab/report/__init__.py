@@ -51,10 +51,13 @@ def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = 
     for table in tables:
         header, rows = table_grid(table)
         write_csv(out / "tables" / f"{table.name}.csv", header, rows)
-        if (choices := row_choices(table)) is not None:
-            write_csv(out / "tables" / f"{table.name}-choices.csv", *choices)
-        if (paired := paired_with_best(table)) is not None:
-            write_csv(out / "tables" / f"{table.name}-paired.csv", *paired[:2])
+    # once, for the CSVs and both pages: per table, the choice per row and the paired tests (None: no section)
+    sections = {table.name: (row_choices(table), paired_with_best(table)) for table in tables}
+    for name, (choices, paired) in sections.items():
+        if choices is not None:
+            write_csv(out / "tables" / f"{name}-choices.csv", *choices)
+        if paired is not None:
+            write_csv(out / "tables" / f"{name}-paired.csv", *paired[:2])
     write_csv(out / "tables" / "cells.csv", CELL_COLUMNS, cell_rows(tables))
     gap = selection_gap(tables)  # once, for the CSV and both pages
     if gap is not None:
@@ -65,8 +68,8 @@ def write_report(store_paths: str | Path | list, out: str | Path, plots: bool = 
 
         figures = plot_tables(tables, zero_shot_baselines(tables), out / "plots")
         cost_plot = accuracy_vs_cost(tables, out / "plots" / "accuracy-vs-cost.png")
-    return {"markdown": write_markdown(out / "report.md", str(store_path), tables, figures, cost_plot, gap),
-            "html": write_html(out / "report.html", str(store_path), tables, figures, cost_plot, gap),
+    return {"markdown": write_markdown(out / "report.md", str(store_path), tables, figures, cost_plot, gap, sections),
+            "html": write_html(out / "report.html", str(store_path), tables, figures, cost_plot, gap, sections),
             "tables": out / "tables"}
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
-from peftlab.report.paired_tests import PAIRED_NOTE, paired_with_best
+from peftlab.report.paired_tests import PAIRED_NOTE
 from peftlab.report.study import PREVIOUS_BEST
 from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, cost_rows, markdown_table, protocol_note,
-                                   row_choices, table_grid)
+                                   table_grid)
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -57,7 +57,8 @@ def failures(table: Table) -> list[str]:
 
 
 def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict[str, list[Path]],
-                   cost_plot: Path | None, gap: tuple[list[list[str]], str] | None = None) -> Path:
+                   cost_plot: Path | None, gap: tuple[list[list[str]], str] | None = None,
+                   sections: dict[str, tuple] | None = None) -> Path:
     lines = ["# peftlab results", "",
              f"Store `{store_path}`, report written {datetime.now():%Y-%m-%d %H:%M}. Cells: {counts(tables)}.", ""]
     for name, values in provenance(tables).items():
@@ -71,9 +72,10 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
             lines += [f"`{table.command}`", ""]
         header, rows = table_grid(table)
         lines += [markdown_table(header, rows), "", f"Scored with {decision_settings(table)}.", ""]
-        if (choices := row_choices(table)) is not None:
+        choices, paired = (sections or {}).get(table.name, (None, None))  # report.write_report's
+        if choices is not None:
             lines += [CHOICE_NOTE, "", markdown_table(*choices), ""]
-        if (paired := paired_with_best(table)) is not None:
+        if paired is not None:
             lines += [PAIRED_NOTE, "", markdown_table(*paired[:2]), "", paired[2], ""]
         if (best := best_record(table)) is not None:
             lines += [f"Confusion matrix of the best cell ({describe_cell(best)}):", "", *confusion_markdown(best), ""]
@@ -132,7 +134,8 @@ def _img(path: Path) -> str:
 
 
 def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str, list[Path]],
-               cost_plot: Path | None, gap: tuple[list[list[str]], str] | None = None) -> Path:
+               cost_plot: Path | None, gap: tuple[list[list[str]], str] | None = None,
+               sections: dict[str, tuple] | None = None) -> Path:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>peftlab results: {html.escape(Path(store_path).name)}</title><style>{CSS}</style></head><body>",
@@ -155,9 +158,10 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
         study_cols = {j for j, h in enumerate(header) if "study" in h}
         parts.append(html_table(header, rows, study_cols))
         parts.append(f'<p class="note">Scored with {html.escape(decision_settings(table))}.</p>')
-        if (choices := row_choices(table)) is not None:
+        choices, paired = (sections or {}).get(table.name, (None, None))
+        if choices is not None:
             parts.append(f'<p class="note">{html.escape(CHOICE_NOTE)}</p>' + html_table(*choices))
-        if (paired := paired_with_best(table)) is not None:
+        if paired is not None:
             parts.append(f'<p class="note">{html.escape(PAIRED_NOTE)}</p>' + html_table(*paired[:2]) +
                          f'<p class="note">{html.escape(paired[2])}</p>')
         if (best := best_record(table)) is not None:

@@ -6,9 +6,8 @@ cell of a grid is scored on the same test reviews, so the examples only one of t
 comparison asks is which settings are indistinguishable from the best one. The table's best setting, when it
 is a single run whose record holds its per-example results (`correct_bits`), is set against every other such
 run (runs from before them, and means over seeds, are left out and said so; a best without them gives no
-section). With m comparisons in a table, Holm's
-step-down procedure (Holm 1979) keeps the chance of any false "supported" at 5 %; the raw p-values are
-shown beside it.
+section). With m comparisons in a table, Holm's step-down procedure (Holm 1979) keeps the chance of any false
+"supported" at 5 %; the raw p-values are shown beside it.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ def paired_with_best(table: Table) -> tuple[list[str], list[list[str]], str] | N
     summary = (f"Best: {setting_name(table, *best)} ({100 * runs[best]['accuracy']:.2f} %). "
                + (f"Not told apart from it: {'; '.join(tied)}" if tied else "Every other run is told apart from it")
                + f" ({len(compared)} comparisons")
-    left_out = sum(1 for e in table.entries.values() if e.records) - 1 - len(compared)
+    left_out = len(finished) - 1 - len(compared)
     summary += f"; {left_out} settings without per-example results or with several seeds left out)." if left_out \
         else ")."
     return PAIRED_HEADER, rows, summary

@@ -271,13 +271,13 @@ def row_choices(table: Table) -> tuple[list[str], list[list[str]]] | None:
     lines = []
     for r in table.rows:
         searched = [c for c in table.cols if _has_cells(table.entries[(r, c)])]
+        if not searched:
+            continue
         scored = {}
         for c in searched:
             scores = [validation_score(rec) for rec in table.entries[(r, c)].records]
             if scores and all(s is not None for s in scores):
                 scored[c] = (statistics.mean(s[0] for s in scores), statistics.mean(s[1] for s in scores))
-        if not searched:
-            continue
         if not scored:
             lines.append([row_label(table, r), "—", "", "", f"0 of {len(searched)}", "nothing finished yet"])
             continue
