@@ -13,7 +13,8 @@ from peftlab.config import build_config
 from peftlab.errors import PeftlabError
 from peftlab.experiments import ResultsStore, cell_key, load_sweep, run_sweep
 from peftlab.report import write_report
-from peftlab.report.tables import build_tables, cost_rows
+from peftlab.experiments.grid import format_value
+from peftlab.report.tables import build_tables, cost_rows, row_choices
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,3 +117,29 @@ def test_the_method_comparison_runs_every_method_on_the_tiny_model(tmp_path, tin
     markdown = write_report(store_path, tmp_path / "report", plots=False)["markdown"].read_text()
     assert "| prefix-tuning |" in markdown
     assert "4 validation examples" in markdown and "test examples" not in markdown  # the test was never scored
+
+
+def test_the_method_comparison_takes_each_rate_the_search_chose_on_validation():
+    """configs/sweeps/smollm2-methods.yaml runs each method at N=500 with the learning rate the committed
+    search (results/methods/lr-search.sqlite) picks for its row on validation, a rate inside the values
+    searched and from a finished row; everything else is the search's setting. Fails if a case's rate was
+    edited by hand (or picked from the test subset), if a case is added before its row has finished, or if
+    the two YAMLs drift apart in anything but N, the test scoring and the rate."""
+    comparison = load_sweep(ROOT / "configs/sweeps/smollm2-methods.yaml")
+    search = load_sweep(ROOT / "configs/sweeps/smollm2-methods-lr.yaml")
+    with ResultsStore(ROOT / "results/methods/lr-search.sqlite") as store:
+        [table] = [t for t in build_tables(store) if t.sweep == search.name]
+    header, lines = row_choices(table)
+    choices = {line[0]: line for line in lines}
+    assert comparison.cells and all(c.config.data.n_train == 500 and c.config.train.score_test and
+                                    c.config.train.select_on == "val" for c in comparison.cells)
+    for cell in comparison.cells:
+        case, lr = cell.params["case"], cell.config.train.lr
+        chosen, _, _, finished, note = choices[case][1:]
+        done, of = finished.split(" of ")
+        assert chosen == f"lr={format_value(lr)}" and done == of and note == "", (case, choices[case])
+        [searched] = [c for c in search.cells if c.params["case"] == case and c.config.train.lr == lr]
+        same = dataclasses.replace(cell.config, out=searched.config.out,
+                                   data=dataclasses.replace(cell.config.data, n_train=searched.config.data.n_train),
+                                   train=dataclasses.replace(cell.config.train, score_test=False))
+        assert same == searched.config, case
