@@ -81,8 +81,23 @@ def git_commit(root: Path | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def reset_peak_memory() -> None:
+    """Start peak_memory_mb's count again: one sweep process runs many cells, and each cell's record should
+    hold its own peak, not the highest of every cell before it. On a CPU the figure is the process's peak
+    resident set, which Linux resets on a write of 5 to /proc/self/clear_refs (proc(5), "clear_refs");
+    elsewhere it stays the process's peak so far."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak GPU memory allocated on `device` if it is a GPU, else the process's peak resident memory."""
+    """Peak GPU memory allocated on `device` if it is a GPU, else the process's peak resident memory
+    (since the last reset_peak_memory where the system can reset it)."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource

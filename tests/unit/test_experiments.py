@@ -249,6 +249,23 @@ def test_each_model_is_loaded_once_and_left_untouched_by_lora_and_prompt_tuning(
         assert all(t > 0 for t in trainable) and len(set(trainable)) == 2
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="Linux's peak-RSS reset is needed")
+def test_each_cell_records_its_own_peak_memory_not_the_sweeps(tmp_path, sweep_yaml):
+    """On a CPU a cell's peak_memory_mb is the process's peak resident memory, and one sweep process runs
+    every cell: without a reset before each cell, every record would hold the highest peak of any cell
+    (or anything else the process did) before it, which is what the method comparison's memory column
+    showed. 600 MB touched and freed before the sweep must not appear in any cell's figure."""
+    big = torch.ones(600 * 2**20 // 4)
+    del big
+    import resource
+    high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        run_sweep(load_sweep(sweep_yaml, out=tmp_path / "out"), store, log=lambda _: None)
+        peaks = [c.record["peak_memory_mb"] for c in store.cells("tiny")]
+    rss = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+    assert len(peaks) == 4 and all(rss * 0.5 < p < high_water - 400 for p in peaks), (peaks, rss, high_water)
+
+
 def test_failed_cells_are_recorded_with_their_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir, imdb_dir):
     path = write_sweep(tmp_path / "f.yaml", tiny_model_dir, imdb_dir,
                        {"data.n_train": [8, 15], "train.seed": [0, 1, 2, 3]})

@@ -33,6 +33,7 @@ from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import RunFolder
+from peftlab.repro import reset_peak_memory
 from peftlab.train.preemption import Preempted
 from peftlab.tracking import group_sweep
 
@@ -235,8 +236,7 @@ class CellExecutor:
                 self.load_failures[key] = reason
                 return CellResult("failed", reason=f"loading the model: {reason}")
             self.model_key, self.fingerprint = key, base_fingerprint(self.model)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # peak_memory_mb is then this cell's peak, not the sweep's
+        reset_peak_memory()  # peak_memory_mb is then this cell's peak, not the sweep's
         start = time.perf_counter()
         try:
             record = self.run(cell, self.model, self.tokenizer, self.progress)
