@@ -50,6 +50,7 @@ from peftlab.config import RunConfig, build_config, flatten, load_yaml
 from peftlab.errors import PeftlabError
 from peftlab.experiments.grid import RayOptions, build_ray_options, cell_folder, cell_key, check_scalars, short_name
 from peftlab.experiments.runner import failure_reason
+from peftlab.repro import reset_peak_memory
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import RunFolder
@@ -238,6 +239,7 @@ class TrialRunner:
             self.model, self.tokenizer = (self.load_model or load_base_model)(config.model)
         config = continue_or_clear(self.store, key, config)
         self.store.start(key, config.to_dict(), config.out)
+        reset_peak_memory()  # each trial's record holds its own peak, as a sweep's cells do (runner.py)
         try:
             record = train_trial(config, self.model, self.tokenizer, self.progress, on_epoch)
         except optuna.TrialPruned as exc:
