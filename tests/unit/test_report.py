@@ -414,3 +414,38 @@ def test_no_paired_tests_when_the_tables_best_has_no_per_example_results(tmp_pat
     with ResultsStore(path) as store:
         [table] = build_tables(store)
     assert paired_with_best(table) is None
+
+
+def test_a_comparison_of_cases_shows_each_methods_interval_and_cost_beside_its_accuracy(tmp_path):
+    """The method comparison (one setting per case, no column) is one table: accuracy, its 95% interval,
+    the learning rate, trainable parameters (and their share of the model), training seconds per epoch and
+    peak memory, each from the case's own records (means over seeds). Values worked out by hand here."""
+    def case_record(accuracy, lr, trainable, train_s, peak, seed=0):
+        r = record(accuracy, 500, 0.0, seed=seed)
+        r.update(lr=lr, trainable_parameters=trainable, total_parameters=135_000_000,
+                 timings={"train_s": train_s, "eval_s": 400.0}, peak_memory_mb=peak)
+        return r
+
+    path = tmp_path / "r.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "methods", {"case": ["lora", "ia3", "prefix-tuning"], "train.seed": [0, 1]}, [
+            ({"case": "lora", "train.seed": 0}, case_record(0.9000, 5e-3, 460_800, 1000.0, 4000.0)),
+            ({"case": "lora", "train.seed": 1}, case_record(0.8800, 5e-3, 460_800, 1200.0, 4100.0, seed=1)),
+            ({"case": "ia3", "train.seed": 0}, case_record(0.8500, 1e-2, 57_600, 800.0, 3900.0)),
+            ({"case": "prefix-tuning", "train.seed": 0}, "TrainingDiverged: loss nan"),
+        ], spec={"rows": "case"})
+        [table] = build_tables(store)
+    header, rows = table_grid(table)
+    assert header == ["case", "accuracy %", "95% interval", "lr", "trainable params", "% of the model",
+                      "train s/epoch", "peak MB"]
+    lora, ia3, prefix = rows
+    low, high = (100 * x for x in wilson_interval(1700, 2000))      # one run: its Wilson interval
+    assert ia3 == ["ia3", "85.00 (2)" + MARK_UP, f"{low:.1f}-{high:.1f}", "0.01", "57,600", "0.0427", "400.0", "3,900"]
+    # two seeds: 89.00 ± 1.41, the interval widened by the seeds' spread (t = 12.71 for 2 runs)
+    half = ((100 * (wilson_interval(1800, 2000)[1] - wilson_interval(1800, 2000)[0]) / 2
+             + 100 * (wilson_interval(1760, 2000)[1] - wilson_interval(1760, 2000)[0]) / 2) / 2)
+    half = (half ** 2 + (12.706 * 1.41421 / 2 ** 0.5) ** 2) ** 0.5
+    assert lora[:2] == ["lora", "89.00 ± 1.41 (2 seeds)"] and lora[3:] == ["0.005", "460,800", "0.341", "550.0",
+                                                                        "4,050"]
+    assert lora[2] == f"{89 - half:.1f}-{89 + half:.1f}"
+    assert prefix[1].startswith("failed") and prefix[2:] == [""] * 6

@@ -346,7 +346,8 @@ def row_label(table: Table, value) -> str:
 
 
 def table_grid(table: Table) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of text cells: ours beside the study's, as markdown, CSV and HTML show them."""
+    """(header, rows) of text cells: ours beside the study's, as markdown, CSV and HTML show them; a comparison
+    of cases gets each case's interval and cost beside its accuracy."""
     head_row = short_name(table.row_key)
     header = [head_row]
     for c in table.cols:
@@ -354,6 +355,9 @@ def table_grid(table: Table) -> tuple[list[str], list[list[str]]]:
         header.append(name)
         if table.study:
             header.append(f"{name} (study)" if c is not None else "study %")
+    comparison = is_comparison(table)
+    if comparison:
+        header += COMPARISON_HEADER
     lines = []
     for r in table.rows:
         line = [row_label(table, r)]
@@ -364,8 +368,41 @@ def table_grid(table: Table) -> tuple[list[str], list[list[str]]]:
                 value = table.study_value(r, c)
                 text = "" if value is None else f"{value[0]:g}" + (f" ({value[1]})" if value[1] else "")
                 line.append(text + (table.study_marks.get((r, c), "") if text else ""))
+        if comparison:
+            line += comparison_values(table.entries[(r, None)])
         lines.append(line)
     return header, lines
+
+
+# A table of named cases and no column (configs/sweeps/smollm2-methods.yaml: one setting per peft method) is a
+# comparison of methods: beside each accuracy, its interval and what the method costs (issue 16, item 2).
+COMPARISON_HEADER = ["95% interval", "lr", "trainable params", "% of the model", "train s/epoch", "peak MB"]
+
+
+def is_comparison(table: Table) -> bool:
+    return table.row_key == "case" and table.cols == [None]
+
+
+def comparison_values(entry: Entry) -> list[str]:
+    """The comparison's columns for one case: means over its finished runs (seeds), blank where none has."""
+    if not entry.records:
+        return [""] * len(COMPARISON_HEADER)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    records = entry.records
+    # one run: its own Wilson interval; several seeds: Entry.interval's, which adds the spread between them
+    low, high = (100 * x for x in records[0]["ci95"]) if len(records) == 1 else entry.interval()
+    trainable = mean(r.get("trainable_parameters") for r in records)
+    share = mean(100 * r["trainable_parameters"] / r["total_parameters"] for r in records
+                 if r.get("trainable_parameters") is not None and r.get("total_parameters"))
+    lrs = sorted({r["lr"] for r in records if r.get("lr") is not None})
+    return [f"{low:.1f}-{high:.1f}", ", ".join(format_value(lr) for lr in lrs), _num(trainable, 0),
+            "" if share is None else f"{share:.3g}",
+            _num(mean(seconds_per_epoch(r.get("timings", {}).get("train_s"), r) for r in records)),
+            _num(mean(r.get("peak_memory_mb") for r in records), 0)]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
