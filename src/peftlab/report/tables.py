@@ -52,8 +52,12 @@ class Entry:
         return [r["best_epoch"] for r in self.records if "best_epoch" in r]
 
     def interval(self) -> tuple[float, float] | None:
+        """One run: its own Wilson interval. Several seeds: the mean half-width widened by their spread."""
         if not self.records:
             return None
+        if len(self.records) == 1:
+            low, high = self.records[0]["ci95"]
+            return 100 * low, 100 * high
         half = statistics.mean(100 * (r["ci95"][1] - r["ci95"][0]) / 2 for r in self.records)
         k = len(self.records)
         if k > 1:
@@ -393,8 +397,7 @@ def comparison_values(entry: Entry) -> list[str]:
         return statistics.mean(values) if values else None
 
     records = entry.records
-    # one run: its own Wilson interval; several seeds: Entry.interval's, which adds the spread between them
-    low, high = (100 * x for x in records[0]["ci95"]) if len(records) == 1 else entry.interval()
+    low, high = entry.interval()
     trainable = mean(r.get("trainable_parameters") for r in records)
     share = mean(100 * r["trainable_parameters"] / r["total_parameters"] for r in records
                  if r.get("trainable_parameters") is not None and r.get("total_parameters"))
