@@ -449,3 +449,26 @@ def test_a_comparison_of_cases_shows_each_methods_interval_and_cost_beside_its_a
                                                                         "4,050"]
     assert lora[2] == f"{89 - half:.1f}-{89 + half:.1f}"
     assert prefix[1].startswith("failed") and prefix[2:] == [""] * 6
+
+
+def test_each_table_says_what_its_runs_cost_per_machine(store_path, tmp_path):
+    """"How long each grid took" from the records: the fixture's 7 finished LoRA runs trained 3 s per
+    training review (N=50: 4 runs, N=150: 3) and scored for 400 s each; hand sum 1,950 + 2,800 s.
+    A run on another machine is counted apart; the failed run counts for nothing."""
+    from peftlab.report.tables import compute_summary
+
+    with ResultsStore(store_path) as store:
+        lora = {t.sweep: t for t in build_tables(store)}["smollm2-lora"]
+    assert compute_summary(lora) == ("Compute: 7 runs, 1.3 h (training 0.5 h, scoring 0.8 h) on cpu (2 threads)")
+    gpu = record(0.8, 150, 0.0)
+    gpu["hardware"] = {"gpus": ["NVIDIA H100 80GB HBM3"]}
+    gpu["timings"] = {"train_s": 360.0, "eval_s": 180.0}
+    path = tmp_path / "two.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "two", {"data.n_train": [50, 150]}, [({"data.n_train": 50}, record(0.7, 50, 0.0)),
+                                                              ({"data.n_train": 150}, gpu)])
+        [two] = build_tables(store)
+    assert compute_summary(two) == ("Compute: 1 run, 0.2 h (training 0.0 h, scoring 0.1 h) on cpu (2 threads); "
+                                    "1 run, 0.1 h (training 0.1 h, scoring 0.1 h) on NVIDIA H100 80GB HBM3")
+    markdown = write_report(store_path, tmp_path / "report", plots=False)["markdown"].read_text()
+    assert "Compute: 7 runs, 1.3 h" in markdown

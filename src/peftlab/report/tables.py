@@ -408,6 +408,29 @@ def comparison_values(entry: Entry) -> list[str]:
             _num(mean(r.get("peak_memory_mb") for r in records), 0)]
 
 
+def compute_summary(table: Table) -> str | None:
+    """What the table's finished runs cost, per machine: "how long each grid took" (issue 16) from the records
+    alone. Seconds are the runs' own training and scoring time (a resumed run's parts added up), not wall time
+    between them; machines are named as the records name them (processor and torch threads, or GPUs)."""
+    by_machine: dict[str, list[float]] = {}
+    for cell in table.cells:
+        r = cell.record or {}
+        t = r.get("timings") or {}
+        if cell.status != "finished" or not t:
+            continue
+        hw = r.get("hardware") or {}
+        machine = ", ".join(hw.get("gpus", [])) or f"{hw.get('processor', '?')} ({hw.get('torch_threads', '?')} threads)"
+        totals = by_machine.setdefault(machine, [0, 0.0, 0.0])
+        totals[0] += 1
+        totals[1] += t.get("train_s") or 0.0
+        totals[2] += t.get("eval_s") or 0.0
+    if not by_machine:
+        return None
+    parts = [f"{n} run{'s' * (n != 1)}, {(train + score) / 3600:.1f} h (training {train / 3600:.1f} h, scoring "
+             f"{score / 3600:.1f} h) on {machine}" for machine, (n, train, score) in by_machine.items()]
+    return "Compute: " + "; ".join(parts)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     esc = [[str(x).replace("|", "\\|") for x in row] for row in [header] + rows]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
