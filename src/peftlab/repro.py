@@ -100,6 +100,16 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     (since the last reset_peak_memory where the system can reset it)."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux: VmHWM, the peak of this process's own memory map, which reset_peak_memory resets. Not getrusage's
+    # ru_maxrss: it also keeps the peak of the map an exec replaced, i.e. of the parent a subprocess was forked
+    # from (a 4.5 GB pytest run made every cell of its subprocess report 4.5 GB), and no reset clears that.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -250,7 +250,7 @@ def test_each_model_is_loaded_once_and_left_untouched_by_lora_and_prompt_tuning(
 
 
 PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
 import torch
 from peftlab.experiments import ResultsStore, load_sweep, run_sweep
 def rss():
@@ -259,7 +259,7 @@ torch.set_num_threads(1)
 before = rss()
 big = torch.ones(1000 * 2**20 // 4)   # touched: resident
 del big
-high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+high_water = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 with ResultsStore(sys.argv[2], writer=True) as store:
     run_sweep(load_sweep(sys.argv[1], out=sys.argv[3]), store, log=lambda _: None)
     peaks = [c.record["peak_memory_mb"] for c in store.cells("tiny")]
@@ -273,10 +273,13 @@ def test_each_cell_records_its_own_peak_memory_not_the_sweeps(tmp_path, sweep_ya
     every cell: without a reset before each cell, every record would hold the highest peak of any cell
     (or anything else the process did) before it, which is what the method comparison's memory column
     showed. 1000 MB touched and freed before the sweep must not appear in any cell's figure. In a fresh
-    process: this one's resident memory depends on the tests that ran before."""
+    process: this one's resident memory depends on the tests that ran before. Run from a parent holding 2 GB,
+    as pytest in the full suite holds gigabytes: getrusage's peak would carry the parent's over to the child."""
+    ballast = torch.ones(2 * 2**30 // 4)  # the parent's resident memory at the fork
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(sweep_yaml), str(tmp_path / "r.sqlite"),
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    del ballast
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["high_water"] > m["before"] + 900, m          # the 1000 MB did raise the process's peak
