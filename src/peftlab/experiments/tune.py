@@ -50,10 +50,10 @@ from peftlab.config import RunConfig, build_config, flatten, load_yaml
 from peftlab.errors import PeftlabError
 from peftlab.experiments.grid import RayOptions, build_ray_options, cell_folder, cell_key, check_scalars, short_name
 from peftlab.experiments.runner import failure_reason
-from peftlab.repro import reset_peak_memory
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import RunFolder
+from peftlab.repro import reset_peak_memory
 from peftlab.tracking import group_run
 from peftlab.train.checkpoint import STATE_FILE, finished_epochs
 

@@ -15,8 +15,8 @@ from peftlab.records import atomic_write_text
 from peftlab.report.confusion import best_record, confusion_markdown, decision_settings, describe_cell
 from peftlab.report.paired_tests import PAIRED_NOTE
 from peftlab.report.study import PREVIOUS_BEST
-from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, compute_summary, cost_rows, markdown_table,
-                                   protocol_note, table_grid)
+from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, compute_summary, cost_rows, machine_label,
+                                   markdown_table, protocol_note, table_grid)
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -32,9 +32,7 @@ def provenance(tables: list[Table]) -> dict[str, list[str]]:
                 continue
             commit = str(r.get("git_commit"))  # 12 hex digits name a commit; the whole hash crowds the line
             out["git commits"].add(commit[:12] + ("-dirty" if commit.endswith("-dirty") else ""))
-            hw = r.get("hardware", {})
-            out["hardware"].add(", ".join(hw.get("gpus", [])) or f"{hw.get('processor', '?')} "
-                                f"({hw.get('torch_threads', '?')} threads)")
+            out["hardware"].add(machine_label(r))
             v = r.get("versions", {})
             out["versions"].add(" ".join(f"{k} {v[k]}" for k in ("peftlab", "torch", "transformers", "peft") if k in v))
     return {k: sorted(v) for k, v in out.items()}
@@ -83,8 +81,8 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
             lines += [STUDY_NOTE, ""]
         lines += [f"![{p.stem}]({p.relative_to(path.parent).as_posix()})" for p in plots.get(table.name, [])]
         lines += [""] + [f"- failed: {f}" for f in failures(table)]
-        if compute_summary(table):
-            lines += ["", compute_summary(table) + "."]
+        if compute := compute_summary(table):
+            lines += ["", compute + "."]
         lines += ["", "Cost per cell:", "", markdown_table(COST_HEADER, cost_rows(table)), ""]
     if gap is not None:  # tables.selection_gap: (rows, summary)
         lines += ["## Selection gap: the epoch chosen on test against on validation", "", GAP_NOTE, "",
@@ -177,8 +175,8 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
             parts.append('<div class="plots">' + "".join(_img(p) for p in images) + "</div>")
         for failure in failures(table):
             parts.append(f'<p class="failed">failed: {html.escape(failure)}</p>')
-        if compute_summary(table):
-            parts.append(f'<p class="note">{html.escape(compute_summary(table))}.</p>')
+        if compute := compute_summary(table):
+            parts.append(f'<p class="note">{html.escape(compute)}.</p>')
         parts.append("<details><summary>Cost per cell</summary>" +
                      html_table(COST_HEADER, cost_rows(table), cls="cost") + "</details>")
     if gap is not None:

@@ -408,6 +408,12 @@ def comparison_values(entry: Entry) -> list[str]:
             _num(mean(r.get("peak_memory_mb") for r in records), 0)]
 
 
+def machine_label(record: dict) -> str:
+    """The machine a run's record names: its GPUs, else its processor and torch threads."""
+    hw = record.get("hardware") or {}
+    return ", ".join(hw.get("gpus", [])) or f"{hw.get('processor', '?')} ({hw.get('torch_threads', '?')} threads)"
+
+
 def compute_summary(table: Table) -> str | None:
     """What the table's finished runs cost, per machine: "how long each grid took" (issue 16) from the records
     alone. Seconds are the runs' own training and scoring time (a resumed run's parts added up), not wall time
@@ -418,9 +424,7 @@ def compute_summary(table: Table) -> str | None:
         t = r.get("timings") or {}
         if cell.status != "finished" or not t:
             continue
-        hw = r.get("hardware") or {}
-        machine = ", ".join(hw.get("gpus", [])) or f"{hw.get('processor', '?')} ({hw.get('torch_threads', '?')} threads)"
-        totals = by_machine.setdefault(machine, [0, 0.0, 0.0])
+        totals = by_machine.setdefault(machine_label(r), [0, 0.0, 0.0])
         totals[0] += 1
         totals[1] += t.get("train_s") or 0.0
         totals[2] += t.get("eval_s") or 0.0
