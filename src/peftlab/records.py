@@ -24,6 +24,11 @@ from typing import Iterable
 
 from peftlab.errors import DISK_FULL_ERRNOS, DiskFull, PeftlabError
 
+# A record's `peak_memory_scope`: "cell" where peak_memory_mb counts from repro.reset_peak_memory before the cell
+# (a sweep's cell, a tune's trial). Sweep cells' records without it were written before 1bef9b3, when the figure
+# was the sweep process's peak so far (report/tables.py marks them).
+PEAK_SCOPE_CELL = "cell"
+
 RECORD_FILE = "peftlab.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 TRACKER_FOLDERS = ("tensorboard", "wandb")  # peftlab.tracking writes these as a run starts

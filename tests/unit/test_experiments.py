@@ -267,7 +267,9 @@ retained = rss()
 with ResultsStore(sys.argv[2], writer=True) as store:
     run_sweep(load_sweep(sys.argv[1], out=sys.argv[3]), store, log=lambda _: None)
     peaks = [c.record["peak_memory_mb"] for c in store.cells("tiny")]
-print(json.dumps({"before": before, "high_water": high_water, "retained": retained, "peaks": peaks, "rss": rss()}))
+    scopes = [c.record["peak_memory_scope"] for c in store.cells("tiny")]
+print(json.dumps({"before": before, "high_water": high_water, "retained": retained, "peaks": peaks, "rss": rss(),
+                  "scopes": scopes}))
 """
 
 
@@ -292,6 +294,7 @@ def test_each_cell_records_its_own_peak_memory_not_the_sweeps(tmp_path, sweep_ya
     assert m["retained"] > m["before"] + 500, m           # the freed small chunks stayed resident
     assert len(m["peaks"]) == 4 and all(m["rss"] * 0.5 < p < m["high_water"] - 500 for p in m["peaks"]), m
     assert all(p < m["retained"] - 400 for p in m["peaks"]), m
+    assert m["scopes"] == ["cell"] * 4  # what the report reads to trust the figure as the cell's own
 
 
 def test_failed_cells_are_recorded_with_their_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir, imdb_dir):

@@ -451,6 +451,44 @@ def test_a_comparison_of_cases_shows_each_methods_interval_and_cost_beside_its_a
     assert prefix[1].startswith("failed") and prefix[2:] == [""] * 6
 
 
+def test_a_sweep_cells_peak_from_before_the_per_cell_reset_is_marked_as_an_upper_bound(tmp_path):
+    """Sweep cells written before peftlab reset the peak per cell (no `peak_memory_scope`) hold the sweep
+    process's peak so far: the method comparison's first four showed 4.8 -> 6.8 GB, where the same methods
+    alone peak at ~3 GB. The comparison table, the cost table and the cost plot's memory panel mark them and the
+    page says what the mark means; a cell whose record says its peak is its own, or a single run (no sweep
+    cell), is not marked."""
+    from peftlab.report.plots import cost_points
+    from peftlab.report.tables import MARK_PEAK, PEAK_NOTE, cost_rows
+
+    def case_record(accuracy, peak, scope):
+        r = record(accuracy, 500, 0.0)
+        r.update(peak_memory_mb=peak, cell={"key": "k", "params": {}})
+        if scope:
+            r["peak_memory_scope"] = scope
+        return r
+
+    path = tmp_path / "r.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "methods", {"case": ["lora", "ia3"]}, [
+            ({"case": "lora"}, case_record(0.90, 4828.9, None)),
+            ({"case": "ia3"}, case_record(0.89, 3216.2, "cell")),
+        ], spec={"rows": "case"})
+        add_sweep(store, "single", {"case": ["lora"]}, [({"case": "lora"}, record(0.9, 500, 0.0))],
+                  spec={"rows": "case"})
+        tables = {t.sweep: t for t in build_tables(store)}
+    _, (lora, ia3) = table_grid(tables["methods"])
+    assert lora[-1] == "4,829" + MARK_PEAK and ia3[-1] == "3,216"
+    peaks = [row[12] for row in cost_rows(tables["methods"])]
+    assert peaks == ["4,829" + MARK_PEAK, "3,216"]
+    points = {name: costs for name, *_, costs in cost_points(tables["methods"])}
+    assert "process_peak" in points["lora"] and "process_peak" not in points["ia3"]
+    _, (single,) = table_grid(tables["single"])
+    assert single[-1] == "900"  # not a sweep cell: a run's own process, its peak is its own
+    write_report(path, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text.count(PEAK_NOTE) == 1  # under the methods table only
+
+
 def test_each_table_says_what_its_runs_cost_per_machine(store_path, tmp_path):
     """"How long each grid took" from the records: the fixture's 7 finished LoRA runs trained 3 s per
     training review (N=50: 4 runs, N=150: 3) and scored for 400 s each; hand sum 1,950 + 2,800 s.

@@ -32,7 +32,7 @@ import torch
 from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
-from peftlab.records import RunFolder
+from peftlab.records import PEAK_SCOPE_CELL, RunFolder
 from peftlab.repro import reset_peak_memory
 from peftlab.train.preemption import Preempted
 from peftlab.tracking import group_sweep
@@ -258,6 +258,7 @@ class CellExecutor:
         record = json.loads(json.dumps(record, default=str))  # what the store holds is plain JSON
         record["cell"] = {"key": cell.key, "params": cell.params, "wall_s": time.perf_counter() - start,
                           "host": socket.gethostname(), "pid": os.getpid()}
+        record["peak_memory_scope"] = PEAK_SCOPE_CELL  # reset before the cell: the report trusts it as the cell's own
         return CellResult("finished", record=record, model_loaded=loaded)
 
     def _base_changed(self) -> bool:

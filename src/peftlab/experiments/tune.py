@@ -52,7 +52,7 @@ from peftlab.experiments.grid import RayOptions, build_ray_options, cell_folder,
 from peftlab.experiments.runner import failure_reason
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
-from peftlab.records import RunFolder
+from peftlab.records import PEAK_SCOPE_CELL, RunFolder
 from peftlab.repro import reset_peak_memory
 from peftlab.tracking import group_run
 from peftlab.train.checkpoint import STATE_FILE, finished_epochs
@@ -251,6 +251,7 @@ class TrialRunner:
                 raise  # a bug or a kill: the cell stays running and the trial RUNNING; a rerun redoes both
             self.store.fail(key, reason)
             raise TrialFailed(reason) from exc
+        record["peak_memory_scope"] = PEAK_SCOPE_CELL  # reset before the trial, as in a sweep
         self.store.finish(key, record)
         return record
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftlab.experiments.grid import format_value, short_name
 from peftlab.report.confusion import best_record, confusion_heat_map
-from peftlab.report.tables import Table, is_val_twin, row_label, seconds_per_epoch
+from peftlab.report.tables import MARK_PEAK, Table, is_val_twin, process_peak, row_label, seconds_per_epoch
 
 DPI = 110
 
@@ -264,6 +264,8 @@ def cost_points(table: Table) -> list[tuple[str, float, float, float, dict[str, 
             low, high = entry.interval()
             name = row_label(table, row) + ("" if col is None else f", {short_name(table.col_key)}={format_value(col)}")
             costs = {key: sum(_cost(r, key) for r in records) / len(records) for _, key in COST_AXES}
+            if any(process_peak(r) for r in records):  # tables.PEAK_NOTE: an upper bound, drawn hollow
+                costs["process_peak"] = 1.0
             points.append((name, entry.accuracy, low, high, costs))
     return points
 
@@ -276,13 +278,18 @@ def settings_vs_cost(table: Table, path: Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, accuracy, low, high, costs) in enumerate(cost_points(table)):
         for ax, (_, key) in zip(axes, COST_AXES):
+            hollow = key == "peak_memory_mb" and "process_peak" in costs
+            colour = colours[i % len(colours)]
             ax.errorbar([costs[key]], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="o", ms=5,
-                        capsize=2, color=colours[i % len(colours)])
-            ax.annotate(name, (costs[key], accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for ax, (label, _) in zip(axes, COST_AXES):
+                        capsize=2, color=colour, mfc="none" if hollow else colour)
+            ax.annotate(name + (f" {MARK_PEAK}" if hollow else ""), (costs[key], accuracy),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    marked = any("process_peak" in costs for *_, costs in cost_points(table))
+    for ax, (label, key) in zip(axes, COST_AXES):
         ax.set_xscale("log")
         plain_log_ticks(ax)
-        ax.set_xlabel(label)
+        ax.set_xlabel(label + (f"\n(hollow, {MARK_PEAK}: the sweep process's peak, an upper bound)"
+                               if key == "peak_memory_mb" and marked else ""))
         ax.grid(alpha=0.3)
     on_val = all(r.get("evaluated_on") == "val" for e in table.entries.values() for r in e.records)
     axes[0].set_ylabel(f"{'validation' if on_val else 'test'} accuracy % (95% interval)")

@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 from peftlab.evaluate.metrics import wilson_interval
 from peftlab.experiments.grid import SweepSpec, format_value, short_name, table_axes, unique_values
 from peftlab.experiments.store import ResultsStore, StoredCell, StoredSweep
+from peftlab.records import PEAK_SCOPE_CELL
 from peftlab.report.study import STUDY, StudyTable, guess_study_table, study_model_label
 
 # Two-sided 97.5% quantiles of Student's t for k - 1 = 1..9 degrees of freedom (then ~normal).
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
 MARK_LEFT, MARK_UP = "†", "‡"
+MARK_PEAK = "§"
+PEAK_NOTE = (f"{MARK_PEAK} peak MB: the sweep process's peak up to the end of this cell, recorded before peftlab reset "
+             "the count and trimmed the heap before each cell (repro.reset_peak_memory): it includes what earlier "
+             "cells and the model's loading held, an upper bound on the cell's own peak. `bench/method_memory.py` "
+             "measures each method alone in a fresh process.")
 LEGEND = (f"{MARK_LEFT}: the 95% interval overlaps the setting to the left; {MARK_UP}: it overlaps the setting "
           "above; the difference from that neighbour is not supported by the data.")
 
@@ -405,7 +411,27 @@ def comparison_values(entry: Entry) -> list[str]:
     return [f"{low:.1f}-{high:.1f}", ", ".join(format_value(lr) for lr in lrs), _num(trainable, 0),
             "" if share is None else f"{share:.3g}",
             _num(mean(seconds_per_epoch(r.get("timings", {}).get("train_s"), r) for r in records)),
-            _num(mean(r.get("peak_memory_mb") for r in records), 0)]
+            peak_text(records)]
+
+
+def process_peak(record: dict) -> bool:
+    """A sweep cell's peak_memory_mb that counts from the sweep process's start, not the cell's (repro.py)."""
+    return ("cell" in record and record.get("peak_memory_mb") is not None
+            and record.get("peak_memory_scope") != PEAK_SCOPE_CELL)
+
+
+def peak_text(records: list[dict]) -> str:
+    """Mean peak memory of the records, marked where any of them is a process's peak (PEAK_NOTE)."""
+    values = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None]
+    if not values:
+        return ""
+    return _num(statistics.mean(values), 0) + (MARK_PEAK if any(process_peak(r) for r in records) else "")
+
+
+def peak_note(table: Table) -> str | None:
+    """PEAK_NOTE where the table shows a process's peak for any finished cell."""
+    marked = any(process_peak(c.record or {}) for c in table.cells if c.status == "finished")
+    return PEAK_NOTE if marked else None
 
 
 def machine_label(record: dict) -> str:
@@ -462,7 +488,7 @@ def cost_rows(table: Table) -> list[list[str]]:
                      if r.get("selected_on_val") else ""),
                     _num(t.get("train_s")), _num(seconds_per_epoch(t.get("train_s"), r)), _num(t.get("eval_s")),
                     _num(r.get("train_tokens"), 0),
-                    _num(r.get("eval_tokens"), 0), _num(r.get("peak_memory_mb"), 0),
+                    _num(r.get("eval_tokens"), 0), peak_text([r]),
                     _num(r.get("trainable_parameters"), 0), str(cell.attempts)])
     return out
 
