@@ -27,10 +27,10 @@ from peftlab.report.study import STUDY, StudyTable, guess_study_table, study_mod
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
 MARK_LEFT, MARK_UP = "†", "‡"
 MARK_PEAK = "§"
-PEAK_NOTE = (f"{MARK_PEAK} peak MB: the sweep process's peak up to the end of this cell, recorded before peftlab reset "
-             "the count and trimmed the heap before each cell (repro.reset_peak_memory): it includes what earlier "
-             "cells and the model's loading held, an upper bound on the cell's own peak. `bench/method_memory.py` "
-             "measures each method alone in a fresh process.")
+PEAK_NOTE = (f"{MARK_PEAK} peak MB: recorded before peftlab counted each cell's peak on its own (repro.reset_peak_memory): "
+             "the sweep process's peak so far, or since the cell began with what earlier cells had freed still "
+             "resident; an upper bound on the cell's own peak. `bench/method_memory.py` measures each method alone "
+             "in a fresh process.")
 LEGEND = (f"{MARK_LEFT}: the 95% interval overlaps the setting to the left; {MARK_UP}: it overlaps the setting "
           "above; the difference from that neighbour is not supported by the data.")
 
