@@ -91,9 +91,10 @@ def reset_peak_memory() -> None:
 
     The resident set the count restarts from should be the process's live memory, but glibc keeps the pages
     of freed chunks below its mmap threshold in the heap (the test in tests/unit/test_experiments.py keeps
-    640 MB of freed 64 KB tensors resident), so a cell's peak would include what earlier cells freed: the
-    method comparison's CPU peaks grew from 4.8 to 6.8 GB over its first four cells. malloc_trim(0) returns
-    those pages to the system first (malloc_trim(3)); where libc is not glibc nothing is trimmed."""
+    640 MB of freed 64 KB tensors resident), so a cell's peak would include what earlier cells freed.
+    malloc_trim(0) returns those pages to the system first (malloc_trim(3)); where libc is not glibc nothing
+    is trimmed. What stays resident after it (the model, the data, what earlier cells still reference) is
+    memory_in_use_mb's figure, which the runner records beside the peak."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -110,6 +111,18 @@ def _trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): no malloc_trim
         pass
+
+
+def memory_in_use_mb(device: torch.device | None = None) -> float | None:
+    """What the process holds now, in peak_memory_mb's terms: GPU memory allocated on `device` if it is a GPU,
+    else the resident set (Linux's VmRSS; None where /proc is missing)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:

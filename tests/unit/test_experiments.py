@@ -268,8 +268,9 @@ with ResultsStore(sys.argv[2], writer=True) as store:
     run_sweep(load_sweep(sys.argv[1], out=sys.argv[3]), store, log=lambda _: None)
     peaks = [c.record["peak_memory_mb"] for c in store.cells("tiny")]
     scopes = [c.record["peak_memory_scope"] for c in store.cells("tiny")]
+    starts = [c.record["memory_at_cell_start_mb"] for c in store.cells("tiny")]
 print(json.dumps({"before": before, "high_water": high_water, "retained": retained, "peaks": peaks, "rss": rss(),
-                  "scopes": scopes}))
+                  "scopes": scopes, "starts": starts}))
 """
 
 
@@ -295,6 +296,8 @@ def test_each_cell_records_its_own_peak_memory_not_the_sweeps(tmp_path, sweep_ya
     assert len(m["peaks"]) == 4 and all(m["rss"] * 0.5 < p < m["high_water"] - 500 for p in m["peaks"]), m
     assert all(p < m["retained"] - 400 for p in m["peaks"]), m
     assert m["scopes"] == ["cell"] * 4  # what the report reads to trust the figure as the cell's own
+    # the resident set each count started from: trimmed (no freed 640 MB in it), and under the cell's peak
+    assert all(m["before"] * 0.5 < s < m["retained"] - 400 and s <= p for s, p in zip(m["starts"], m["peaks"])), m
 
 
 def test_failed_cells_are_recorded_with_their_reason_and_the_sweep_goes_on(tmp_path, tiny_model_dir, imdb_dir):

@@ -33,7 +33,7 @@ from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import PEAK_SCOPE_CELL, RunFolder
-from peftlab.repro import reset_peak_memory
+from peftlab.repro import memory_in_use_mb, reset_peak_memory
 from peftlab.train.preemption import Preempted
 from peftlab.tracking import group_sweep
 
@@ -237,6 +237,7 @@ class CellExecutor:
                 return CellResult("failed", reason=f"loading the model: {reason}")
             self.model_key, self.fingerprint = key, base_fingerprint(self.model)
         reset_peak_memory()  # peak_memory_mb is then this cell's peak, not the sweep's
+        at_start = memory_in_use_mb(next(self.model.parameters()).device)  # what the peak counts on top of
         start = time.perf_counter()
         try:
             record = self.run(cell, self.model, self.tokenizer, self.progress)
@@ -259,6 +260,7 @@ class CellExecutor:
         record["cell"] = {"key": cell.key, "params": cell.params, "wall_s": time.perf_counter() - start,
                           "host": socket.gethostname(), "pid": os.getpid()}
         record["peak_memory_scope"] = PEAK_SCOPE_CELL  # reset before the cell: the report trusts it as the cell's own
+        record["memory_at_cell_start_mb"] = at_start
         return CellResult("finished", record=record, model_loaded=loaded)
 
     def _base_changed(self) -> bool:
