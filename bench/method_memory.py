@@ -30,17 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def one_case(config: str, case: str, data: str, n_train: int, n_test: int, out: str) -> dict:
     """Run the sweep's cell of `case` on n_train reviews for one epoch in this process; its peak and baseline."""
     from peftlab.experiments import ResultsStore, load_sweep, run_sweep
-    from peftlab.experiments import runner
-    from peftlab.repro import reset_peak_memory
 
-    baseline = {}
-
-    def reset_and_note() -> None:  # the resident set the cell's count starts from
-        reset_peak_memory()
-        baseline["mb"] = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status")
-                              if line.startswith("VmRSS"))
-
-    runner.reset_peak_memory = reset_and_note
     overrides = {"data.source": data, "data.n_train": n_train, "data.n_val": 16, "data.n_test": n_test,
                  "train.epochs": 1}
     sweep = load_sweep(config, overrides, out=Path(out) / "runs")
@@ -52,7 +42,7 @@ def one_case(config: str, case: str, data: str, n_train: int, n_test: int, out: 
         run_sweep(sweep, store, progress=False, log=lambda _: None)
         cell = store.cells(sweep.name)
         record = next(c.record for c in cell if c.key == sweep.cells[0].key)
-    return {"case": case, "peak_mb": record["peak_memory_mb"], "rss_at_reset_mb": baseline["mb"],
+    return {"case": case, "peak_mb": record["peak_memory_mb"], "rss_at_reset_mb": record["memory_at_cell_start_mb"],
             "trainable_parameters": record["trainable_parameters"], "dtype": record["model"]["dtype"]}
 
 

@@ -83,8 +83,9 @@ def git_commit(root: Path | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def reset_peak_memory() -> None:
-    """Start peak_memory_mb's count again: one sweep process runs many cells, and each cell's record should
+def reset_peak_memory(device: torch.device | None = None) -> float | None:
+    """Start peak_memory_mb's count again and return what the process holds as it restarts
+    (memory_in_use_mb on `device`): one sweep process runs many cells, and each cell's record should
     hold its own peak, not the highest of every cell before it. On a CPU the figure is the process's peak
     resident set, which Linux resets on a write of 5 to /proc/self/clear_refs (proc(5), "clear_refs");
     elsewhere it stays the process's peak so far.
@@ -93,8 +94,8 @@ def reset_peak_memory() -> None:
     of freed chunks below its mmap threshold in the heap (the test in tests/unit/test_experiments.py keeps
     640 MB of freed 64 KB tensors resident), so a cell's peak would include what earlier cells freed.
     malloc_trim(0) returns those pages to the system first (malloc_trim(3)); where libc is not glibc nothing
-    is trimmed. What stays resident after it (the model, the data, what earlier cells still reference) is
-    memory_in_use_mb's figure, which the runner records beside the peak."""
+    is trimmed. What stays resident after it (the model, the data, what earlier cells still reference) is the
+    figure returned, which the runner records beside the peak."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -104,6 +105,7 @@ def reset_peak_memory() -> None:
             f.write("5")
     except OSError:
         pass
+    return memory_in_use_mb(device)
 
 
 def _trim_heap() -> None:
@@ -118,9 +120,14 @@ def memory_in_use_mb(device: torch.device | None = None) -> float | None:
     else the resident set (Linux's VmRSS; None where /proc is missing)."""
     if device is not None and device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_mb("VmRSS")
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of Linux's /proc/self/status (reported in kB) in MB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), None)
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":")), None)
     except OSError:
         return None
 
@@ -133,13 +140,8 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
     # Linux: VmHWM, the peak of this process's own memory map, which reset_peak_memory resets. Not getrusage's
     # ru_maxrss: it also keeps the peak of the map an exec replaced, i.e. of the parent a subprocess was forked
     # from (a 4.5 GB pytest run made every cell of its subprocess report 4.5 GB), and no reset clears that.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    if (high_water := _proc_status_mb("VmHWM")) is not None:
+        return high_water
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -33,7 +33,7 @@ from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import PEAK_SCOPE_CELL, RunFolder
-from peftlab.repro import memory_in_use_mb, reset_peak_memory
+from peftlab.repro import reset_peak_memory
 from peftlab.train.preemption import Preempted
 from peftlab.tracking import group_sweep
 
@@ -236,8 +236,8 @@ class CellExecutor:
                 self.load_failures[key] = reason
                 return CellResult("failed", reason=f"loading the model: {reason}")
             self.model_key, self.fingerprint = key, base_fingerprint(self.model)
-        reset_peak_memory()  # peak_memory_mb is then this cell's peak, not the sweep's
-        at_start = memory_in_use_mb(next(self.model.parameters()).device)  # what the peak counts on top of
+        # peak_memory_mb is then this cell's peak, not the sweep's; at_start is what it counts on top of
+        at_start = reset_peak_memory(next(self.model.parameters()).device)
         start = time.perf_counter()
         try:
             record = self.run(cell, self.model, self.tokenizer, self.progress)

@@ -53,7 +53,7 @@ from peftlab.experiments.runner import failure_reason
 from peftlab.experiments.search_space import TuneSpec, build_tune_spec, parse_search_space
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import PEAK_SCOPE_CELL, RunFolder
-from peftlab.repro import memory_in_use_mb, reset_peak_memory
+from peftlab.repro import reset_peak_memory
 from peftlab.tracking import group_run
 from peftlab.train.checkpoint import STATE_FILE, finished_epochs
 
@@ -239,8 +239,8 @@ class TrialRunner:
             self.model, self.tokenizer = (self.load_model or load_base_model)(config.model)
         config = continue_or_clear(self.store, key, config)
         self.store.start(key, config.to_dict(), config.out)
-        reset_peak_memory()  # each trial's record holds its own peak, as a sweep's cells do (runner.py)
-        at_start = memory_in_use_mb(next(self.model.parameters()).device)
+        # each trial's record holds its own peak, as a sweep's cells do (runner.py)
+        at_start = reset_peak_memory(next(self.model.parameters()).device)
         try:
             record = train_trial(config, self.model, self.tokenizer, self.progress, on_epoch)
         except optuna.TrialPruned as exc:

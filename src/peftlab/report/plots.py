@@ -276,7 +276,8 @@ def settings_vs_cost(table: Table, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(COST_AXES), figsize=(13, 4.2), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, accuracy, low, high, costs) in enumerate(cost_points(table)):
+    points = cost_points(table)
+    for i, (name, accuracy, low, high, costs) in enumerate(points):
         for ax, (_, key) in zip(axes, COST_AXES):
             hollow = key == "peak_memory_mb" and "process_peak" in costs
             colour = colours[i % len(colours)]
@@ -284,7 +285,7 @@ def settings_vs_cost(table: Table, path: Path) -> Path:
                         capsize=2, color=colour, mfc="none" if hollow else colour)
             ax.annotate(name + (f" {MARK_PEAK}" if hollow else ""), (costs[key], accuracy),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    marked = any("process_peak" in costs for *_, costs in cost_points(table))
+    marked = any("process_peak" in costs for *_, costs in points)
     for ax, (label, key) in zip(axes, COST_AXES):
         ax.set_xscale("log")
         plain_log_ticks(ax)
