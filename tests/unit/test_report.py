@@ -510,3 +510,46 @@ def test_each_table_says_what_its_runs_cost_per_machine(store_path, tmp_path):
                                     "1 run, 0.1 h (training 0.1 h, scoring 0.1 h) on NVIDIA H100 80GB HBM3")
     markdown = write_report(store_path, tmp_path / "report", plots=False)["markdown"].read_text()
     assert "Compute: 7 runs, 1.3 h" in markdown
+
+
+def test_a_comparison_marks_the_time_and_memory_of_runs_timed_on_another_machine(tmp_path):
+    """The method comparison's first nine methods ran on an AMX Xeon in bf16, the last on a Zen 3 in fp32 (no
+    bf16 units): their seconds per epoch and peak MB measure the machine as much as the method. The odd one out
+    is marked in the comparison table and drawn apart in the cost plot, the page names both machines, and the
+    cost table says where each cell ran; a table timed on one machine has no mark and no note."""
+    from peftlab.report.plots import cost_points
+    from peftlab.report.tables import MARK_MACHINE, cost_rows, machine_label, machine_note
+
+    def on(accuracy, processor, family_model, dtype):
+        r = record(accuracy, 500, 0.0)
+        r["hardware"] = {"processor": processor, "torch_threads": 1, **({"cpu_family_model": family_model}
+                                                                          if family_model else {})}
+        r["model"] = {"name": "smollm2", "dtype": dtype}
+        return r
+
+    xeon, epyc = ("Intel(R) Xeon(R) Processor", None, "bfloat16"), ("AMD EPYC", "25/1", "float32")
+    assert machine_label(on(0.9, *xeon)) == "Intel(R) Xeon(R) Processor (1 threads, bfloat16)"
+    assert machine_label(on(0.9, *epyc)) == "AMD EPYC family/model 25/1 (1 threads, float32)"
+    path = tmp_path / "r.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "mixed", {"case": ["lora", "ia3", "vera"]}, [
+            ({"case": "lora"}, on(0.90, *xeon)), ({"case": "ia3"}, on(0.89, *xeon)),
+            ({"case": "vera"}, on(0.88, *epyc))], spec={"rows": "case"})
+        add_sweep(store, "one", {"case": ["lora", "vera"]}, [
+            ({"case": "lora"}, on(0.90, *epyc)), ({"case": "vera"}, on(0.88, *epyc))], spec={"rows": "case"})
+        tables = {t.sweep: t for t in build_tables(store)}
+    _, (lora, ia3, vera) = table_grid(tables["mixed"])
+    # record(): 3 s per training review x 500 over 2 epochs = 750 s per epoch; 900 MB
+    assert lora[-2:] == ia3[-2:] == ["750.0", "900"]
+    assert vera[-2:] == ["750.0" + MARK_MACHINE, "900" + MARK_MACHINE]
+    note = machine_note(tables["mixed"])
+    assert note.startswith(f"{MARK_MACHINE} time and memory measured on AMD EPYC family/model 25/1 (1 threads, "
+                           "float32); the other rows' on Intel(R) Xeon(R) Processor (1 threads, bfloat16)")
+    assert [row[-1] for row in cost_rows(tables["mixed"])] == [
+        "Intel(R) Xeon(R) Processor (1 threads, bfloat16)"] * 2 + ["AMD EPYC family/model 25/1 (1 threads, float32)"]
+    points = {name: costs for name, *_, costs in cost_points(tables["mixed"])}
+    assert ["elsewhere" in points[c] for c in ("lora", "ia3", "vera")] == [False, False, True]
+    _, rows = table_grid(tables["one"])
+    assert all(MARK_MACHINE not in x for row in rows for x in row) and machine_note(tables["one"]) is None
+    write_report(path, tmp_path / "report")
+    assert (tmp_path / "report" / "report.md").read_text().count(note) == 1

@@ -16,7 +16,7 @@ from peftlab.report.confusion import best_record, confusion_markdown, decision_s
 from peftlab.report.paired_tests import PAIRED_NOTE
 from peftlab.report.study import PREVIOUS_BEST
 from peftlab.report.tables import (COST_HEADER, GAP_HEADER, LEGEND, Table, compute_summary, cost_rows, machine_label,
-                                   markdown_table, peak_note, protocol_note, table_grid)
+                                   machine_note, markdown_table, peak_note, protocol_note, table_grid)
 
 STUDY_NOTE = ("Study columns: the published LLaMA-2 numbers (shared/seed/study.txt; N x V and N x d on 2000 test "
               f"reviews, zero-shot and maximize on all 25,000); the previous IMDB best they cite is {PREVIOUS_BEST} %.")
@@ -70,8 +70,9 @@ def write_markdown(path: Path, store_path: str, tables: list[Table], plots: dict
             lines += [f"`{table.command}`", ""]
         header, rows = table_grid(table)
         lines += [markdown_table(header, rows), "", f"Scored with {decision_settings(table)}.", ""]
-        if note := peak_note(table):
-            lines += [note, ""]
+        for note in (peak_note(table), machine_note(table)):
+            if note:
+                lines += [note, ""]
         choices, paired = (sections or {}).get(table.name, (None, None))  # report.write_report's
         if choices is not None:
             lines += [CHOICE_NOTE, "", markdown_table(*choices), ""]
@@ -160,8 +161,9 @@ def write_html(path: Path, store_path: str, tables: list[Table], plots: dict[str
         study_cols = {j for j, h in enumerate(header) if "study" in h}
         parts.append(html_table(header, rows, study_cols))
         parts.append(f'<p class="note">Scored with {html.escape(decision_settings(table))}.</p>')
-        if note := peak_note(table):
-            parts.append(f'<p class="note">{html.escape(note)}</p>')
+        for note in (peak_note(table), machine_note(table)):
+            if note:
+                parts.append(f'<p class="note">{html.escape(note)}</p>')
         choices, paired = (sections or {}).get(table.name, (None, None))
         if choices is not None:
             parts.append(f'<p class="note">{html.escape(CHOICE_NOTE)}</p>' + html_table(*choices))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from peftlab.experiments.grid import format_value, short_name
 from peftlab.report.confusion import best_record, confusion_heat_map
-from peftlab.report.tables import MARK_PEAK, Table, is_val_twin, process_peak, row_label, seconds_per_epoch
+from peftlab.report.tables import (MARK_MACHINE, MARK_PEAK, Table, elsewhere, is_val_twin, main_machine, process_peak,
+                                   row_label, seconds_per_epoch)
 
 DPI = 110
 
@@ -238,6 +239,7 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
 
 COST_AXES = (("train seconds per epoch", "train_s_per_epoch"), ("trainable parameters", "trainable_parameters"),
              ("peak memory MB", "peak_memory_mb"))
+MACHINE_AXES = ("train_s_per_epoch", "peak_memory_mb")  # the costs that depend on the machine (and dtype)
 
 
 def costed(records: list[dict]) -> list[dict]:
@@ -255,6 +257,7 @@ def _cost(record: dict, key: str) -> float:
 def cost_points(table: Table) -> list[tuple[str, float, float, float, dict[str, float]]]:
     """(name, accuracy %, 95% low, 95% high, {cost key: mean over the setting's runs}) per named setting."""
     points = []
+    main = main_machine(table)
     for row in table.rows:
         for col in table.cols:
             entry = table.entries[(row, col)]
@@ -266,6 +269,8 @@ def cost_points(table: Table) -> list[tuple[str, float, float, float, dict[str, 
             costs = {key: sum(_cost(r, key) for r in records) / len(records) for _, key in COST_AXES}
             if any(process_peak(r) for r in records):  # tables.PEAK_NOTE: an upper bound, drawn hollow
                 costs["process_peak"] = 1.0
+            if elsewhere(records, main):  # tables.machine_note: seconds and MB of another machine, drawn square
+                costs["elsewhere"] = 1.0
             points.append((name, entry.accuracy, low, high, costs))
     return points
 
@@ -280,17 +285,21 @@ def settings_vs_cost(table: Table, path: Path) -> Path:
     for i, (name, accuracy, low, high, costs) in enumerate(points):
         for ax, (_, key) in zip(axes, COST_AXES):
             hollow = key == "peak_memory_mb" and "process_peak" in costs
+            square = key in MACHINE_AXES and "elsewhere" in costs
             colour = colours[i % len(colours)]
-            ax.errorbar([costs[key]], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="o", ms=5,
-                        capsize=2, color=colour, mfc="none" if hollow else colour)
-            ax.annotate(name + (f" {MARK_PEAK}" if hollow else ""), (costs[key], accuracy),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar([costs[key]], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="s" if square else "o",
+                        ms=5, capsize=2, color=colour, mfc="none" if hollow else colour)
+            ax.annotate(name + (f" {MARK_PEAK}" if hollow else "") + (f" {MARK_MACHINE}" if square else ""),
+                        (costs[key], accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
     marked = any("process_peak" in costs for *_, costs in points)
+    moved = any("elsewhere" in costs for *_, costs in points)
     for ax, (label, key) in zip(axes, COST_AXES):
         ax.set_xscale("log")
         plain_log_ticks(ax)
         ax.set_xlabel(label + (f"\n(hollow, {MARK_PEAK}: the sweep process's peak, an upper bound)"
-                               if key == "peak_memory_mb" and marked else ""))
+                               if key == "peak_memory_mb" and marked else "")
+                      + (f"\n(square, {MARK_MACHINE}: measured on another machine)" if key in MACHINE_AXES and moved
+                         else ""))
         ax.grid(alpha=0.3)
     on_val = all(r.get("evaluated_on") == "val" for e in table.entries.values() for r in e.records)
     axes[0].set_ylabel(f"{'validation' if on_val else 'test'} accuracy % (95% interval)")

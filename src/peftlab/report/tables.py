@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 from peftlab.evaluate.metrics import wilson_interval
@@ -27,6 +28,7 @@ from peftlab.report.study import STUDY, StudyTable, guess_study_table, study_mod
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
 MARK_LEFT, MARK_UP = "†", "‡"
 MARK_PEAK = "§"
+MARK_MACHINE = "¶"  # a cost measured on another machine than most of the table's (machine_note)
 PEAK_NOTE = (f"{MARK_PEAK} peak MB: recorded before peftlab counted each cell's peak on its own (repro.reset_peak_memory): "
              "the sweep process's peak so far, or since the cell began with what earlier cells had freed still "
              "resident; an upper bound on the cell's own peak. `bench/method_memory.py` measures each method alone "
@@ -368,6 +370,7 @@ def table_grid(table: Table) -> tuple[list[str], list[list[str]]]:
     comparison = is_comparison(table)
     if comparison:
         header += COMPARISON_HEADER
+        main = main_machine(table)
     lines = []
     for r in table.rows:
         line = [row_label(table, r)]
@@ -379,7 +382,7 @@ def table_grid(table: Table) -> tuple[list[str], list[list[str]]]:
                 text = "" if value is None else f"{value[0]:g}" + (f" ({value[1]})" if value[1] else "")
                 line.append(text + (table.study_marks.get((r, c), "") if text else ""))
         if comparison:
-            line += comparison_values(table.entries[(r, None)])
+            line += comparison_values(table.entries[(r, None)], main)
         lines.append(line)
     return header, lines
 
@@ -393,8 +396,9 @@ def is_comparison(table: Table) -> bool:
     return table.row_key == "case" and table.cols == [None]
 
 
-def comparison_values(entry: Entry) -> list[str]:
-    """The comparison's columns for one case: means over its finished runs (seeds), blank where none has."""
+def comparison_values(entry: Entry, main_machine: str | None = None) -> list[str]:
+    """The comparison's columns for one case: means over its finished runs (seeds), blank where none has; time
+    and memory marked where a run of the case ran elsewhere than the table's `main_machine`."""
     if not entry.records:
         return [""] * len(COMPARISON_HEADER)
 
@@ -408,10 +412,11 @@ def comparison_values(entry: Entry) -> list[str]:
     share = mean(100 * r["trainable_parameters"] / r["total_parameters"] for r in records
                  if r.get("trainable_parameters") is not None and r.get("total_parameters"))
     lrs = sorted({r["lr"] for r in records if r.get("lr") is not None})
+    mark = MARK_MACHINE if elsewhere(records, main_machine) else ""
+    seconds = _num(mean(seconds_per_epoch(r.get("timings", {}).get("train_s"), r) for r in records))
+    peak = peak_text(records)
     return [f"{low:.1f}-{high:.1f}", ", ".join(format_value(lr) for lr in lrs), _num(trainable, 0),
-            "" if share is None else f"{share:.3g}",
-            _num(mean(seconds_per_epoch(r.get("timings", {}).get("train_s"), r) for r in records)),
-            peak_text(records)]
+            "" if share is None else f"{share:.3g}", seconds + (mark if seconds else ""), peak + (mark if peak else "")]
 
 
 def process_peak(record: dict) -> bool:
@@ -435,9 +440,38 @@ def peak_note(table: Table) -> str | None:
 
 
 def machine_label(record: dict) -> str:
-    """The machine a run's record names: its GPUs, else its processor and torch threads."""
+    """The machine a run's record names: its GPUs, else its processor (with family/model where recorded) and
+    torch threads; and the weights' dtype where recorded (bf16 runs ~2x fp32 on an AMX Xeon and tens of times
+    slower on a CPU without bf16 units, so a dtype is part of what a time was measured on)."""
     hw = record.get("hardware") or {}
-    return ", ".join(hw.get("gpus", [])) or f"{hw.get('processor', '?')} ({hw.get('torch_threads', '?')} threads)"
+    dtype = (record.get("model") or {}).get("dtype")
+    if hw.get("gpus"):
+        return ", ".join(hw["gpus"]) + (f" ({dtype})" if dtype else "")
+    family_model = f" family/model {hw['cpu_family_model']}" if hw.get("cpu_family_model") else ""
+    return (f"{hw.get('processor', '?')}{family_model} ({hw.get('torch_threads', '?')} threads"
+            + (f", {dtype})" if dtype else ")"))
+
+
+def main_machine(table: Table) -> str | None:
+    """The machine most of the table's finished runs name (machine_label), or None when they all name one:
+    then every time and memory figure of the table compares with every other."""
+    counts = Counter(machine_label(c.record or {}) for c in table.cells if c.status == "finished" and c.record)
+    return counts.most_common(1)[0][0] if len(counts) > 1 else None
+
+
+def elsewhere(records: list[dict], main: str | None) -> bool:
+    """Any of `records` ran on another machine than the table's main one (MARK_MACHINE)."""
+    return main is not None and any(machine_label(r) != main for r in records)
+
+
+def machine_note(table: Table) -> str | None:
+    """MACHINE_NOTE, naming the machines, where the table's runs were not all timed on one machine."""
+    main = main_machine(table) if is_comparison(table) else None  # other tables show no time or memory
+    if main is None:
+        return None
+    others = sorted({machine_label(c.record) for c in table.cells if c.status == "finished" and c.record} - {main})
+    return (f"{MARK_MACHINE} time and memory measured on {'; '.join(others)}; the other rows' on {main}. Seconds "
+            "and MB compare only between runs of one machine and dtype (accuracy compares across them).")
 
 
 def compute_summary(table: Table) -> str | None:
@@ -470,7 +504,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 COST_HEADER = ["cell", "setting", "status", "accuracy %", "best epoch", "selected on", "at val-chosen epoch %",
                "train s", "train s/epoch", "eval s", "train tokens",
-               "eval tokens", "peak MB", "trainable params", "attempts"]
+               "eval tokens", "peak MB", "trainable params", "attempts", "machine"]
 
 
 def cost_rows(table: Table) -> list[list[str]]:
@@ -489,7 +523,7 @@ def cost_rows(table: Table) -> list[list[str]]:
                     _num(t.get("train_s")), _num(seconds_per_epoch(t.get("train_s"), r)), _num(t.get("eval_s")),
                     _num(r.get("train_tokens"), 0),
                     _num(r.get("eval_tokens"), 0), peak_text([r]),
-                    _num(r.get("trainable_parameters"), 0), str(cell.attempts)])
+                    _num(r.get("trainable_parameters"), 0), str(cell.attempts), machine_label(r) if r else ""])
     return out
 
 
