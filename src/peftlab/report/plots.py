@@ -287,8 +287,8 @@ def settings_vs_cost(table: Table, path: Path) -> Path:
             hollow = key == "peak_memory_mb" and "process_peak" in costs
             square = key in MACHINE_AXES and "elsewhere" in costs
             colour = colours[i % len(colours)]
-            ax.errorbar([costs[key]], [accuracy], yerr=[[accuracy - low], [high - accuracy]], fmt="s" if square else "o",
-                        ms=5, capsize=2, color=colour, mfc="none" if hollow else colour)
+            ax.errorbar([costs[key]], [accuracy], yerr=[[accuracy - low], [high - accuracy]],
+                        fmt="s" if square else "o", ms=5, capsize=2, color=colour, mfc="none" if hollow else colour)
             ax.annotate(name + (f" {MARK_PEAK}" if hollow else "") + (f" {MARK_MACHINE}" if square else ""),
                         (costs[key], accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
     marked = any("process_peak" in costs for *_, costs in points)
