@@ -278,7 +278,7 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
     metrics.update(run_record(config, run.task.encoder, peft_model), trainable_parameters=trainable,
                    total_parameters=total, adapter_sha256=adapter_sha256,
                    resumed_from={k: checkpoints.loaded["position"][k] for k in ("epoch", "batch")} if resumed else None,
-                   **training_summary(run, history, best, load_s),
+                   **training_summary(run, history, best, load_s, final_test_seconds(run.config, best, metrics)),
                    peak_memory_mb=peak_memory_mb(next(peft_model.parameters()).device),
                    distributed=run.cluster.record())
     return run.finish(metrics, predictions)
@@ -414,11 +414,20 @@ def chosen_result(run: Run, peft_model, best: BestEpoch, params: dict) -> tuple[
     return dict(metrics, evaluated_on="test"), predictions, sha
 
 
-def training_summary(run: Run, history: list[EpochRecord], best: BestEpoch, load_s: float) -> dict:
-    """The training part of metrics.json: protocol, chosen epoch, per-epoch history, sizes, timings."""
+def final_test_seconds(config: RunConfig, best: BestEpoch, metrics: dict) -> float:
+    """The seconds of the test pass after training (chosen_result), 0 where the epochs' passes were all."""
+    final = best.select_on != "test" and config.train.score_test
+    return float(metrics.get("eval_seconds") or 0.0) if final else 0.0
+
+
+def training_summary(run: Run, history: list[EpochRecord], best: BestEpoch, load_s: float,
+                     final_test_s: float = 0.0) -> dict:
+    """The training part of metrics.json: protocol, chosen epoch, per-epoch history, sizes, timings.
+    timings.eval_s is all the run's scoring: every epoch's passes and the final test pass (`final_test_s`,
+    also kept on its own; records before it lacked that pass, report.tables.scoring_seconds adds it back)."""
     per_epoch = [epoch_summary(h) for h in history]
     train_s, train_tokens = sum(h.seconds for h in history), sum(h.tokens for h in history)
-    eval_s = sum(h["eval_seconds"] for h in per_epoch)
+    eval_s = sum(h["eval_seconds"] for h in per_epoch) + final_test_s
     test_in_epochs = sum(1 for h in history if "test" in h.metrics)
     final_test = run.config.train.select_on != "test" and run.config.train.score_test
     return {"command": "train", "lr": run.config.train.lr, "selected_on": best.select_on, "best_epoch": best.epoch,
@@ -427,7 +436,7 @@ def training_summary(run: Run, history: list[EpochRecord], best: BestEpoch, load
             "n_train": len(run.task.train), "n_val": len(run.task.val),
             "train_ids_sha256": ids_sha256(run.task.train), "train_tokens": train_tokens,
             "train_tokens_per_s": train_tokens / train_s if train_s else 0.0,
-            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s,
+            "timings": {"load_s": load_s, "train_s": train_s, "eval_s": eval_s, "final_test_s": final_test_s,
                         "total_s": time.perf_counter() - run.start}}
 
 

@@ -553,3 +553,23 @@ def test_a_comparison_marks_the_time_and_memory_of_runs_timed_on_another_machine
     assert all(MARK_MACHINE not in x for row in rows for x in row) and machine_note(tables["one"]) is None
     write_report(path, tmp_path / "report")
     assert (tmp_path / "report" / "report.md").read_text().count(note) == 1
+
+
+def test_scoring_seconds_add_back_the_final_test_pass_older_records_left_out(tmp_path):
+    """Until final_test_s, a run chosen on validation counted only its epochs' validation passes in
+    timings.eval_s; its top-level eval_seconds is the test pass after training. The report adds it back (the
+    comparison's LoRA: 92 s of validation + 531 s of test), and leaves newer records and test-chosen runs alone."""
+    from peftlab.report.tables import compute_summary, cost_rows, scoring_seconds
+
+    old = record(0.9, 500, 0.0)
+    old.update(selected_on="val", evaluated_on="test", eval_seconds=531.0, timings={"train_s": 1500.0, "eval_s": 92.0})
+    new = dict(old, timings={"train_s": 1500.0, "eval_s": 623.0, "final_test_s": 531.0})
+    study = dict(old, selected_on="test", timings={"train_s": 1500.0, "eval_s": 800.0})
+    assert [scoring_seconds(r) for r in (old, new, study)] == [623.0, 623.0, 800.0]
+    path = tmp_path / "r.sqlite"
+    with ResultsStore(path, writer=True) as store:
+        add_sweep(store, "m", {"case": ["a", "b"]}, [({"case": "a"}, old), ({"case": "b"}, new)], spec={"rows": "case"})
+        [table] = build_tables(store)
+    assert [row[9] for row in cost_rows(table)] == ["623.0", "623.0"]
+    # 2 x (1500 + 623) s = 1.18 h, scoring 1,246 s = 0.35 h
+    assert compute_summary(table) == "Compute: 2 runs, 1.2 h (training 0.8 h, scoring 0.3 h) on cpu (2 threads)"

@@ -197,3 +197,25 @@ def test_printing_the_plan_changes_nothing_the_run_computes(tiny_model_dir, imdb
     assert "tok/s training" in capsys.readouterr().err  # the probe ran (a failing one leaves the time out)
     assert shown["adapter_sha256"] == quiet["adapter_sha256"]
     assert [e["train_loss"] for e in shown["per_epoch"]] == [e["train_loss"] for e in quiet["per_epoch"]]
+
+
+@pytest.mark.parametrize("select_on", ["val", "test"])
+def test_the_records_scoring_seconds_are_every_scoring_pass_the_run_made(tiny_model_dir, imdb_dir, tmp_path,
+                                                                         monkeypatch, select_on):
+    """timings.eval_s is what `how long each grid took` adds up: chosen on validation, the test pass after
+    training is part of it (records before final_test_s left it out: the method comparison's prefix tuning
+    counted 720 of its 3,841 scoring seconds)."""
+    real, seconds = runs.evaluate_examples, []
+
+    def timed(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seconds.append((kwargs["desc"], out[2].seconds))  # the pass's own timer, as the record reads it
+        return out
+
+    monkeypatch.setattr(runs, "evaluate_examples", timed)
+    metrics = run_train(config_of(tiny_model_dir, imdb_dir, tmp_path / select_on, **{"train.select_on": select_on}))
+    timings = metrics["timings"]
+    assert timings["eval_s"] == pytest.approx(sum(s for _, s in seconds), rel=1e-9)
+    final = [s for desc, s in seconds if desc == "test"]
+    assert timings["final_test_s"] == (pytest.approx(final[0], rel=1e-9) if select_on == "val" else 0.0)
+    assert len(final) == (select_on == "val")

@@ -24,7 +24,8 @@ from peftlab.errors import PeftlabError
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import atomic_write_text
 from peftlab.report.paired_tests import paired_with_best
-from peftlab.report.tables import GAP_HEADER, Table, build_tables, row_choices, selection_gap, table_grid
+from peftlab.report.tables import (GAP_HEADER, Table, build_tables, row_choices, scoring_seconds, selection_gap,
+                                   table_grid)
 
 CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method", "n_train", "n_test", "seed",
                 "accuracy", "ci95_low", "ci95_high", "nll", "ece", "brier", "auroc", "best_epoch", "train_s", "eval_s",
@@ -94,7 +95,7 @@ def cell_rows(tables: list[Table]) -> list[list]:
                          r.get("n_train", cfg.get("data", {}).get("n_train")), r.get("n"),
                          cfg.get("train", {}).get("seed"), r.get("accuracy"), ci[0], ci[1],
                          r.get("nll"), r.get("ece"), r.get("brier"), r.get("auroc"), r.get("best_epoch"),
-                         timings.get("train_s"), timings.get("eval_s"), r.get("train_tokens"), r.get("eval_tokens"),
+                         timings.get("train_s"), scoring_seconds(r), r.get("train_tokens"), r.get("eval_tokens"),
                          r.get("peak_memory_mb"), r.get("trainable_parameters"), cell.attempts, cell.out])
     return rows
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from peftlab.experiments.grid import format_value, short_name
 from peftlab.report.confusion import best_record, confusion_heat_map
 from peftlab.report.tables import (MARK_MACHINE, MARK_PEAK, Table, elsewhere, is_val_twin, main_machine, process_peak,
-                                   row_label, seconds_per_epoch)
+                                   row_label, scoring_seconds, seconds_per_epoch)
 
 DPI = 110
 
@@ -220,7 +220,7 @@ def accuracy_vs_cost(tables: list[Table], path: Path) -> Path | None:
         acc = [100 * r["accuracy"] for r in points]
         err = [[100 * (r["accuracy"] - r["ci95"][0]) for r in points],
                [100 * (r["ci95"][1] - r["accuracy"]) for r in points]]
-        seconds = [r["timings"]["train_s"] + r["timings"].get("eval_s", 0) for r in points]
+        seconds = [r["timings"]["train_s"] + (scoring_seconds(r) or 0.0) for r in points]
         tokens = [r["train_tokens"] + r.get("eval_tokens", 0) * r.get("test_evaluations", len(r.get("per_epoch", [1])))
                   for r in points]
         for ax, xs in zip(axes, (seconds, tokens)):

@@ -474,6 +474,18 @@ def machine_note(table: Table) -> str | None:
             "and MB compare only between runs of one machine and dtype (accuracy compares across them).")
 
 
+def scoring_seconds(record: dict) -> float | None:
+    """A run's scoring seconds, the final test pass included. Training records before `final_test_s` joined
+    their timings counted only the epochs' passes in eval_s: where such a record was chosen on validation and
+    then scored on test, its top-level eval_seconds is that final pass, added back here."""
+    t = record.get("timings") or {}
+    if t.get("eval_s") is None:
+        return None
+    missing = ("final_test_s" not in t and "per_epoch" in record and record.get("selected_on") not in (None, "test")
+               and record.get("evaluated_on") == "test")
+    return t["eval_s"] + (record.get("eval_seconds") or 0.0 if missing else 0.0)
+
+
 def compute_summary(table: Table) -> str | None:
     """What the table's finished runs cost, per machine: "how long each grid took" (issue 16) from the records
     alone. Seconds are the runs' own training and scoring time (a resumed run's parts added up), not wall time
@@ -487,7 +499,7 @@ def compute_summary(table: Table) -> str | None:
         totals = by_machine.setdefault(machine_label(r), [0, 0.0, 0.0])
         totals[0] += 1
         totals[1] += t.get("train_s") or 0.0
-        totals[2] += t.get("eval_s") or 0.0
+        totals[2] += scoring_seconds(r) or 0.0
     if not by_machine:
         return None
     parts = [f"{n} run{'s' * (n != 1)}, {(train + score) / 3600:.1f} h (training {train / 3600:.1f} h, scoring "
@@ -520,7 +532,7 @@ def cost_rows(table: Table) -> list[list[str]]:
                     (r.get("selected_on", "test") if "best_epoch" in r else ""),
                     (f"{100 * r['selected_on_val']['accuracy']:.2f} ({r['selected_on_val']['epoch']})"
                      if r.get("selected_on_val") else ""),
-                    _num(t.get("train_s")), _num(seconds_per_epoch(t.get("train_s"), r)), _num(t.get("eval_s")),
+                    _num(t.get("train_s")), _num(seconds_per_epoch(t.get("train_s"), r)), _num(scoring_seconds(r)),
                     _num(r.get("train_tokens"), 0),
                     _num(r.get("eval_tokens"), 0), peak_text([r]),
                     _num(r.get("trainable_parameters"), 0), str(cell.attempts), machine_label(r) if r else ""])
