@@ -465,7 +465,7 @@ def elsewhere(records: list[dict], main: str | None) -> bool:
 
 
 def machine_note(table: Table) -> str | None:
-    """MACHINE_NOTE, naming the machines, where the table's runs were not all timed on one machine."""
+    """The note under a comparison whose runs were not all timed on one machine (MARK_MACHINE), naming them."""
     main = main_machine(table) if is_comparison(table) else None  # other tables show no time or memory
     if main is None:
         return None
