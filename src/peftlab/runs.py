@@ -278,7 +278,7 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
     metrics.update(run_record(config, run.task.encoder, peft_model), trainable_parameters=trainable,
                    total_parameters=total, adapter_sha256=adapter_sha256,
                    resumed_from={k: checkpoints.loaded["position"][k] for k in ("epoch", "batch")} if resumed else None,
-                   **training_summary(run, history, best, load_s, final_test_seconds(run.config, best, metrics)),
+                   **training_summary(run, history, best, load_s, metrics.get("eval_seconds")),
                    peak_memory_mb=peak_memory_mb(next(peft_model.parameters()).device),
                    distributed=run.cluster.record())
     return run.finish(metrics, predictions)
@@ -414,22 +414,19 @@ def chosen_result(run: Run, peft_model, best: BestEpoch, params: dict) -> tuple[
     return dict(metrics, evaluated_on="test"), predictions, sha
 
 
-def final_test_seconds(config: RunConfig, best: BestEpoch, metrics: dict) -> float:
-    """The seconds of the test pass after training (chosen_result), 0 where the epochs' passes were all."""
-    final = best.select_on != "test" and config.train.score_test
-    return float(metrics.get("eval_seconds") or 0.0) if final else 0.0
-
-
 def training_summary(run: Run, history: list[EpochRecord], best: BestEpoch, load_s: float,
-                     final_test_s: float = 0.0) -> dict:
+                     result_eval_s: float | None = None) -> dict:
     """The training part of metrics.json: protocol, chosen epoch, per-epoch history, sizes, timings.
-    timings.eval_s is all the run's scoring: every epoch's passes and the final test pass (`final_test_s`,
-    also kept on its own; records before it lacked that pass, report.tables.scoring_seconds adds it back)."""
+    `result_eval_s`: the scoring seconds of the result's metrics (chosen_result), a pass of its own only where
+    the test subset was scored after training. timings.eval_s is all the run's scoring: every epoch's passes and
+    that final test pass (`final_test_s`, also kept on its own; records before it lacked that pass,
+    report.tables.scoring_seconds adds it back)."""
     per_epoch = [epoch_summary(h) for h in history]
     train_s, train_tokens = sum(h.seconds for h in history), sum(h.tokens for h in history)
-    eval_s = sum(h["eval_seconds"] for h in per_epoch) + final_test_s
     test_in_epochs = sum(1 for h in history if "test" in h.metrics)
     final_test = run.config.train.select_on != "test" and run.config.train.score_test
+    final_test_s = float(result_eval_s or 0.0) if final_test else 0.0
+    eval_s = sum(h["eval_seconds"] for h in per_epoch) + final_test_s
     return {"command": "train", "lr": run.config.train.lr, "selected_on": best.select_on, "best_epoch": best.epoch,
             "val": best.record.get("val"), "selected_on_val": selected_on_val(per_epoch),
             "test_evaluations": test_in_epochs + final_test, "per_epoch": per_epoch,
