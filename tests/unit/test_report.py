@@ -260,6 +260,13 @@ def test_the_protocol_heads_each_table_and_the_validation_choice_gets_its_own(tm
     assert ("2 runs: the validation split chose the test subset's epoch in 1; the gap is 2.00 points on average, "
             "at most 4.00 (gap, N=50).") in text
     assert "Selection gap" in report["html"].read_text()
+    # cells.csv: each stored cell once (the twin table holds the same cells), at the epoch chosen on test
+    with (tmp_path / "report" / "tables" / "cells.csv").open() as f:
+        listed = [(row["sweep"], row["key"], row["accuracy"], row["best_epoch"]) for row in csv.DictReader(f)]
+    with ResultsStore(path) as store:
+        stored = [(s.name, c.key) for s in store.sweeps() for c in store.cells(s.name)]
+    assert sorted(row[:2] for row in listed) == sorted(stored) and len(stored) == 3
+    assert sorted(row[2:] for row in listed if row[0] == "gap") == [("0.7", "2"), ("0.8", "2")]
 
 
 def test_calibration_columns_and_reliability_diagram_come_from_the_cell_records(tmp_path):

@@ -24,8 +24,8 @@ from peftlab.errors import PeftlabError
 from peftlab.experiments.store import ResultsStore
 from peftlab.records import atomic_write_text
 from peftlab.report.paired_tests import paired_with_best
-from peftlab.report.tables import (GAP_HEADER, Table, build_tables, row_choices, scoring_seconds, selection_gap,
-                                   table_grid)
+from peftlab.report.tables import (GAP_HEADER, Table, build_tables, is_val_twin, row_choices, scoring_seconds,
+                                   selection_gap, table_grid)
 
 CELL_COLUMNS = ["sweep", "key", "status", "reason", "params", "model", "method", "n_train", "n_test", "seed",
                 "accuracy", "ci95_low", "ci95_high", "nll", "ece", "brier", "auroc", "best_epoch", "train_s", "eval_s",
@@ -83,9 +83,12 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def cell_rows(tables: list[Table]) -> list[list]:
-    """One row per (sweep, cell), numbers unformatted, for other tools."""
+    """One row per (sweep, cell), numbers unformatted, for other tools. A validation-chosen twin holds the same
+    cells as its table (chosen_on_val): they are listed once, with the test-chosen record."""
     rows = []
     for table in tables:
+        if is_val_twin(table):
+            continue
         for cell in table.cells:
             r, cfg = cell.record or {}, cell.config or {}
             timings, ci = r.get("timings", {}), r.get("ci95", [None, None])
