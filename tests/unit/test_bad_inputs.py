@@ -80,9 +80,19 @@ def argv_of(row: Row, paths: dict[str, str]) -> list[str]:
     return [w.format(**paths) if "{" in w and "}" in w and w.strip("{}") in paths else w for w in words]
 
 
+def library_versions() -> dict[str, str]:
+    """`peft 0.22.0` -> `peft {peft}`: a message names the installed library's version (CI installs the newest)."""
+    import peft
+    import transformers
+
+    return {f"{lib.__name__} {lib.__version__}": f"{lib.__name__} {{{lib.__name__}}}" for lib in (peft, transformers)}
+
+
 def normalise(text: str, paths: dict[str, str], tmp: Path) -> str:
-    """Fixture paths back to their placeholders, so that messages read the same on every machine."""
-    swaps = {**{v: "{" + k + "}" for k, v in paths.items()}, str(tmp.resolve()) + "/": "", str(tmp) + "/": ""}
+    """Fixture paths and library versions back to their placeholders, so that messages read the same on
+    every machine."""
+    swaps = {**{v: "{" + k + "}" for k, v in paths.items()}, str(tmp.resolve()) + "/": "", str(tmp) + "/": "",
+             **library_versions()}
     for real in sorted(swaps, key=len, reverse=True):
         text = text.replace(real, swaps[real])
     return text
