@@ -5,7 +5,10 @@ checkpoint saved, the store marking it `interrupted`) would start again from scr
 to an hour of CPU lost per queue. `pack` writes the run folders of the stores' unfinished cells (checkpoint,
 score journals, config.yaml: a few MB for a PEFT adapter and its AdamW moments) to one tar file beside this
 script, with a manifest of what it holds; `unpack` puts them back under a checkout, where
-`peftlab sweep ... --resume` continues each cell from its checkpoint.
+`peftlab sweep ... --resume` continues each cell from its checkpoint. Where the next machine computes in
+another precision (`model.dtype: auto`: bf16 on a CPU with native bf16, fp32 on one without), the sweep runs
+the cell again from the start instead, so that no cell mixes two (docs/reliability.md); checkpoints packed
+before 2026-12-08 do not record their precision, so unpack them only on a machine of the same kind.
 
     python results/inflight.py pack results/methods/comparison.sqlite results/study/*.sqlite   # in the sweep's tree
     python results/inflight.py unpack                                                          # in the next one

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parsers(sub)
     add_export_parser(sub)
     p = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP)
-    p.add_argument("run_a", metavar="RUN_A", help="the --out folder of a finished train or eval run")
+    p.add_argument("run_a", metavar="RUN_A", help="the --out folder of a finished train or eval run, or a "
+                   "finished cell of a results store, STORE.sqlite:KEY (its folder may be gone)")
     p.add_argument("run_b", metavar="RUN_B", help="another, scored on the same examples")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p = sub.add_parser("rerun", help=RERUN_HELP, description=RERUN_HELP)
@@ -418,9 +419,12 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "rerun":
         return rerun_command(args)
     if args.command == "compare":
-        from peftlab.evaluate.paired import compare_runs, describe_comparison
+        from peftlab.evaluate.paired import compare_bits, compare_runs, describe_comparison
+        from peftlab.experiments.store import stored_correct_bits
 
-        result = compare_runs(args.run_a, args.run_b)
+        bits = [stored_correct_bits(run) for run in (args.run_a, args.run_b)]
+        result = (compare_runs(args.run_a, args.run_b) if bits == [None, None]
+                  else compare_bits(args.run_a, bits[0], args.run_b, bits[1]))
         print(json.dumps(result) if args.json else describe_comparison(result))
         return 0
     if args.command == "export":

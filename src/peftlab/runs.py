@@ -36,7 +36,7 @@ from peftlab.evaluate.paired import correct_bits
 from peftlab.evaluate.scoring import ScoreResult, build_rows, read_ids, score_examples
 from peftlab.models import attach_method, load_adapter, load_base_model, position_offset, trainable_parameters
 from peftlab.models.head import HeadSpec, class_head, head_record
-from peftlab.models.loading import resolve_model_source
+from peftlab.models.loading import base_dtype, resolve_model_source
 from peftlab.models.head import refuse_headless_method
 from peftlab.models.methods import detach_method, enable_gradient_checkpointing, peft_type_name, prompt_init_ids
 from peftlab.prompts import PromptEncoder, build_prompt_encoder
@@ -89,8 +89,9 @@ class Run:
 
     def journal(self, model, examples: list[Example], desc: str) -> ScoreJournal:
         """The journal of this evaluation: reused by --resume only if the same examples are scored by the
-        same run with the same weights (the trainable ones, or the adapter file evaluated)."""
-        digest = hashlib.sha256(json.dumps([desc, [e.id for e in examples], identity(self.config)],
+        same run with the same weights (the trainable ones, or the adapter file evaluated) on a base of the same
+        precision (`model.dtype: auto` differs by machine; trainable weights are fp32 either way)."""
+        digest = hashlib.sha256(json.dumps([desc, [e.id for e in examples], identity(self.config), base_dtype(model)],
                                            default=str).encode("utf-8", "surrogatepass"))
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -252,7 +253,8 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     best = BestEpoch(config.train.select_on)
     checkpoints = Checkpoints(run.folder.checkpoint if run.folder else Path(config.out or "."),
-                              config.train.checkpoint_every, config, sample_sha256(run.task), state=best)
+                              config.train.checkpoint_every, config, sample_sha256(run.task), state=best,
+                              precision=base_dtype(peft_model))
     resumed = config.train.resume and checkpoints.load()
     load_s = time.perf_counter() - run.start
     objective = training_objective(run, peft_model)

@@ -169,6 +169,28 @@ def test_resume_refuses_a_checkpoint_of_another_config(tiny_model_dir, imdb_dir,
     run_train(build_config(values, {"train.resume": True, "train.checkpoint_every": 1}))
 
 
+def test_resume_refuses_a_checkpoint_trained_on_a_base_of_another_precision(unbroken, tiny_model_dir, imdb_dir,
+                                                                            tmp_path, monkeypatch):
+    """`model.dtype: auto` resolves by machine: the same config is fp32 on a CPU without native bf16, bf16 on
+    one with it. A run cut off on the first is refused on the second, and still resumes where it was made."""
+    import peftlab.models.loading as loading
+
+    values = layer(tiny_model_dir, imdb_dir, tmp_path / "run", **{"model.dtype": "auto", "model.device": "cpu"})
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
+    with monkeypatch.context() as m:
+        kill_at_batch(m, 5)
+        with pytest.raises(Killed):
+            run_train(build_config(values))
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
+    with pytest.raises(PeftlabError, match=r"trained on a float32 base, .* computes in bfloat16 \(model.dtype=auto: "
+                                           r"auto depends on the machine\).*--overwrite"):
+        run_train(build_config(values, {"train.resume": True}))
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
+    metrics = run_train(build_config(values, {"train.resume": True}))  # the refusal lost nothing
+    assert metrics["resumed_from"] == {"epoch": 1, "batch": 3}
+    assert outcome(tmp_path / "run") == unbroken["accum1"]
+
+
 def test_a_damaged_checkpoint_is_refused_with_its_fix(tiny_model_dir, imdb_dir, tmp_path, monkeypatch):
     values = layer(tiny_model_dir, imdb_dir, tmp_path / "run")
     with monkeypatch.context() as m:

@@ -100,3 +100,43 @@ def test_the_record_bits_pair_runs_as_their_prediction_files_do(two_runs, tmp_pa
     other_bits = correct_bits([json.loads(x) for x in (other / "predictions.jsonl").read_text().splitlines()])
     assert paired_records(records[0], {"correct_bits": other_bits}) is None
     assert paired_records(records[0], {"accuracy": 0.5}) is None
+
+
+def test_a_stored_cell_compares_as_its_run_folder_did(two_runs, tmp_path, capsys):
+    """STORE.sqlite:KEY pairs a cell by the correct_bits of its record (its folder may be gone): the same
+    hand-counted figures as the two folders, in any mix of folders and cells."""
+    from peftlab.evaluate.paired import correct_bits
+    from peftlab.experiments.store import ResultsStore
+
+    a, b = two_runs
+    store = tmp_path / "cells.sqlite"
+    with ResultsStore(store, writer=True) as writer:
+        for key, folder in (("aaaaaaaaaaaa", a), ("bbbbbbbbbbbb", b)):
+            lines = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
+            writer.start(key, {}, None)
+            writer.finish(key, {"accuracy": 0.0, "correct_bits": correct_bits(lines)})
+        writer.start("cccccccccccc", {}, None)  # cut off: running
+        writer.start("dddddddddddd", {}, None)
+        writer.finish("dddddddddddd", {"accuracy": 0.5})  # a record from before the bits
+    folders = None
+    for run_a, run_b in ((a, b), (f"{store}:aaaaaaaaaaaa", f"{store}:bbbbbbbbbbbb"), (f"{store}:aaaaaaaaaaaa", b),
+                         (a, f"{store}:bbbbbbbbbbbb")):
+        assert main(["compare", str(run_a), str(run_b), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["a"], result["b"]) == (str(run_a), str(run_b))
+        figures = {k: v for k, v in result.items() if k not in ("a", "b")}
+        folders = folders or figures
+        assert figures == folders
+    assert (folders["only_a_correct"], folders["only_b_correct"], folders["n"]) == (10, 2, 40)
+    other = run_folder(tmp_path / "other", [True] * 40, ids=[f"test/s{i}" for i in range(40)])
+    for spec, expected in (
+            (f"{store}:eeeeeeeeeeee", f"{store} holds no cell eeeeeeeeeeee; the keys are in the report's "
+                                      f"tables/cells.csv (`peftlab report {store}`)"),
+            (f"{store}:cccccccccccc", f"cell cccccccccccc of {store} is running, not finished: there is nothing "
+                                      "to compare yet"),
+            (f"{store}:dddddddddddd", f"cell dddddddddddd of {store} has no correct_bits (a record from before "
+                                      "71f43a8); compare its run folder instead"),
+            (str(other), "the two runs were not scored on the same examples (40 and 40, other ids); a paired test "
+                         "needs one test subset: the same data, data.n_test and data.data_seed")):
+        assert main(["compare", f"{store}:aaaaaaaaaaaa", spec]) == 2
+        assert capsys.readouterr().err.strip() == f"peftlab: error: {expected}"

@@ -585,3 +585,46 @@ def test_a_merge_finishes_unfinished_cells_never_replaces_a_finished_one_and_wai
         writer.close()
     assert main(["merge-stores", str(into), str(into)]) == 2
     assert "is the store merged into" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bf16_on_resume", [False, True])
+def test_a_cut_off_cell_of_another_precision_starts_again_and_keeps_its_old_folder(bf16_on_resume, tmp_path,
+                                                                                   tiny_model_dir, imdb_dir,
+                                                                                   monkeypatch):
+    """`model.dtype: auto` is fp32 on one CPU and bf16 on the next (results/inflight.py carries cut-off cells
+    between them): a cell cut off in fp32 resumes on an fp32 machine, and runs again from the start in bf16."""
+    import peftlab.models.loading as loading
+    import peftlab.train.loop as loop
+
+    class Killed(BaseException):
+        pass
+
+    path = write_sweep(tmp_path / "auto.yaml", tiny_model_dir, imdb_dir, {"data.n_train": [16]},
+                       model={"dtype": "auto"}, train={"batch_size": 2, "checkpoint_every": 1})
+    real, calls = loop.batch_loss, {"n": 0}
+
+    def batch_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return real(*args, **kwargs)
+
+    with ResultsStore(tmp_path / "r.sqlite", writer=True) as store:
+        monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
+        with monkeypatch.context() as m:
+            m.setattr(loop, "batch_loss", batch_loss)
+            with pytest.raises(Killed):
+                run_sweep(load_sweep(path, out=tmp_path / "out"), store, log=lambda _: None)
+        [folder] = (tmp_path / "out").iterdir()
+        assert json.loads((folder / "checkpoint" / "state.json").read_text())["fingerprint"]["precision"] == "float32"
+        monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: bf16_on_resume)
+        run_sweep(load_sweep(path, {"train.resume": True}, out=tmp_path / "out"), store, log=lambda _: None)
+        [cell] = store.cells()
+    assert cell.status == "finished"
+    assert cell.record["model"]["dtype"] == ("bfloat16" if bf16_on_resume else "float32")
+    if bf16_on_resume:  # from the start, the cut-off run kept beside it
+        assert cell.record["resumed_from"] is None
+        aside = folder.with_name(folder.name + ".replaced-1")
+        assert json.loads((aside / "checkpoint" / "state.json").read_text())["fingerprint"]["precision"] == "float32"
+    else:
+        assert cell.record["resumed_from"] == {"epoch": 1, "batch": 4}

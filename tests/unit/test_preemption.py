@@ -132,6 +132,39 @@ def test_a_resumed_evaluation_scores_only_the_batches_its_journal_lacks(tiny_mod
     assert calls["n"] == 12
 
 
+def test_a_journal_scored_on_a_base_of_another_precision_is_not_reused(tiny_model_dir, imdb_dir, tmp_path,
+                                                                        monkeypatch):
+    """`model.dtype: auto` is fp32 here and bf16 on a CPU with native bf16: a journal from the one is not
+    mixed into an evaluation on the other (the config, hence the run's identity, is the same)."""
+    import peftlab.evaluate.scoring as scoring
+    import peftlab.models.loading as loading
+    from peftlab.runs import run_eval
+
+    values = {"model.name": str(tiny_model_dir), "data.source": str(imdb_dir), "model.dtype": "auto",
+              "model.device": "cpu", "data.n_test": 24, "prompt.max_input_tokens": 32, "eval.eval_batch_size": 2,
+              "out": str(tmp_path / "run")}
+    real, calls = scoring.example_scores, {"n": 0, "die_at": 4}
+
+    class Killed(BaseException):
+        pass
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "example_scores", counted)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(Killed):
+        run_eval(build_config(values))
+    calls.update(n=0, die_at=-1)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
+    resumed = run_eval(build_config(values, {"train.resume": True}))
+    assert calls["n"] == 12  # every batch scored again, in bf16
+    assert resumed["model"]["dtype"] == "bfloat16"
+
+
 def test_sigterm_stops_a_sweep_marks_its_cell_interrupted_and_resume_finishes_it(tiny_model_dir, imdb_dir, tmp_path):
     import yaml
 

@@ -94,6 +94,22 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
     return {"a": str(run_a), "b": str(run_b), **paired_counts(correct_by_id(run_a), correct_by_id(run_b))}
 
 
+def compare_bits(run_a: str, bits_a: dict | None, run_b: str, bits_b: dict | None) -> dict:
+    """compare_runs where either run is known by its correct_bits (a results store's record); a run given
+    None is a folder, read as compare_runs reads it."""
+    def folder_bits(run: str) -> dict:
+        return correct_bits([{"id": i, "correct": ok} for i, ok in correct_by_id(run).items()])
+
+    bits_a = bits_a if bits_a is not None else folder_bits(run_a)
+    bits_b = bits_b if bits_b is not None else folder_bits(run_b)
+    counts = paired_records({"correct_bits": bits_a}, {"correct_bits": bits_b})
+    if counts is None:
+        raise PeftlabError(f"the two runs were not scored on the same examples ({bits_a['n']} and {bits_b['n']}, "
+                           "other ids); a paired test needs one test subset: the same data, data.n_test and "
+                           "data.data_seed")
+    return {"a": run_a, "b": run_b, **counts}
+
+
 def describe_comparison(result: dict, alpha: float = 0.05) -> str:
     """Two lines: each run's accuracy, then the difference, the discordant examples and the test."""
     def acc(side: str) -> str:

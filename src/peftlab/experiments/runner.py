@@ -32,7 +32,9 @@ import torch
 from peftlab.errors import DISK_FULL_ERRNOS, PeftlabError
 from peftlab.experiments.grid import Cell, Sweep, same_run
 from peftlab.experiments.store import ResultsStore
+from peftlab.models.loading import base_dtype
 from peftlab.records import PEAK_SCOPE_CELL, RunFolder
+from peftlab.train.checkpoint import checkpoint_precision
 from peftlab.repro import reset_peak_memory
 from peftlab.train.preemption import Preempted
 from peftlab.tracking import group_sweep
@@ -104,7 +106,24 @@ def run_cell(cell: Cell, model, tokenizer, progress: bool | None) -> dict:
         # with nothing to resume is a notice and starts from the beginning (a single run's --resume is an error).
         print(f"  nothing to resume for {cell.key}: it starts from the beginning", file=sys.stderr, flush=True)
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, resume=False))
+    elif config.train.resume and precision_changed(cell, model):
+        config = dataclasses.replace(config, overwrite=True, train=dataclasses.replace(config.train, resume=False))
     return run_tracked("train" if cell.trains else "eval", config, model, tokenizer, progress=progress)
+
+
+def precision_changed(cell: Cell, model) -> bool:
+    """A cut-off cell whose checkpoint was trained on a base of another precision than this machine's
+    (`model.dtype: auto` is bf16 on one CPU, fp32 on the next; results/inflight.py carries checkpoints
+    between them): it is run again from the start, its old folder moved aside, since continuing it would
+    mix two precisions in one cell (a single run's --resume refuses instead: train/checkpoint.py)."""
+    trained = checkpoint_precision(RunFolder(Path(cell.config.out)).checkpoint)
+    here = base_dtype(model)
+    if trained is None or trained == here:
+        return False
+    print(f"  {cell.key} was cut off on a {trained} base and this machine computes in {here}: it starts from the "
+          "beginning (its old folder is moved aside), so that no cell mixes two precisions",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def plan_sweep(sweep: Sweep, store: ResultsStore, retry_failed: bool, outcome: SweepOutcome) -> list[Cell]:

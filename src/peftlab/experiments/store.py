@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -304,6 +305,31 @@ class ResultsStore:
 
 
 _CELL_COLUMNS = "key, status, reason, config, record, out, attempts, started_at, finished_at"
+
+
+# `peftlab compare results/study/lora.sqlite:7f2f9bfdb565 ...`: a finished cell of a store, by its key.
+STORED_CELL = re.compile(r"^(?P<store>.+\.(?:sqlite|sqlite3|db)):(?P<key>[0-9a-f]{12})$")
+
+
+def stored_correct_bits(spec: str) -> dict | None:
+    """The correct_bits (evaluate/paired.py) of the finished cell `STORE:KEY` names; None for anything else
+    (a run folder). A store keeps them in every record since 71f43a8, so cells whose run folders are gone
+    (another machine, a GPU) can still be paired."""
+    match = STORED_CELL.match(spec)
+    if match is None:
+        return None
+    path, key = match["store"], match["key"]
+    with ResultsStore(path) as store:
+        cell = store.cell(key)
+    if cell is None:
+        raise PeftlabError(f"{path} holds no cell {key}; the keys are in the report's tables/cells.csv "
+                           f"(`peftlab report {path}`)")
+    if cell.status != "finished" or not cell.record:
+        raise PeftlabError(f"cell {key} of {path} is {cell.status}, not finished: there is nothing to compare yet")
+    if not cell.record.get("correct_bits"):
+        raise PeftlabError(f"cell {key} of {path} has no correct_bits (a record from before 71f43a8); compare "
+                           "its run folder instead")
+    return cell.record["correct_bits"]
 
 
 @dataclass

@@ -140,6 +140,18 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype_name(requested, device.type)]
 
 
+def base_dtype(model) -> str:
+    """The precision the frozen base computes in ('bfloat16', 'float32', ...): its first frozen floating-point
+    weight's (trainable weights stay fp32 on a bf16 base, models/methods.py); a base not yet frozen, its first.
+
+    `model.dtype: auto` resolves by machine (dtype_name), so one config may run in bf16 on one CPU and fp32 on
+    the next: checkpoints and score journals record this, so that no resumed run mixes the two.
+    """
+    floating = [p for p in model.parameters() if p.is_floating_point()] or list(model.parameters())
+    chosen = next((p for p in floating if not p.requires_grad), floating[0])
+    return str(chosen.dtype).removeprefix("torch.")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
 

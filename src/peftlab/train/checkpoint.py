@@ -57,14 +57,17 @@ class Checkpoints:
     """The checkpoint folder of one run: saves every `every` optimiser steps and at epoch ends.
 
     `config` and `sample_sha256` (a hash of the example ids it trains and selects on) say what the run
-    is; a checkpoint of another run is refused (config.identity_differences decides). `state` is the
+    is; a checkpoint of another run is refused (config.identity_differences decides), and so is one trained
+    on a base of another `precision` (models.loading.base_dtype: `model.dtype: auto` differs by machine,
+    and a run continued in another precision is neither run). `state` is the
     caller's bookkeeping (run_train: its BestEpoch): anything with `state_dict()` -> (JSON-able dict,
     tensors) and `load_state_dict(dict, tensors)`, saved with every checkpoint and restored by `load`.
     """
 
-    def __init__(self, folder: str | Path, every: int, config: RunConfig, sample_sha256: str, state=None):
+    def __init__(self, folder: str | Path, every: int, config: RunConfig, sample_sha256: str, state=None,
+                 precision: str | None = None):
         self.folder, self.every, self.config, self.state = Path(folder), every, config, state
-        self.fingerprint = {"config": config.to_dict(), "sample_sha256": sample_sha256}
+        self.fingerprint = {"config": config.to_dict(), "sample_sha256": sample_sha256, "precision": precision}
         self.loaded: dict | None = None  # state.json of the checkpoint found by load()
         self._tensors: dict[str, torch.Tensor] = {}
 
@@ -95,6 +98,14 @@ class Checkpoints:
         if differs:
             raise PeftlabError(f"checkpoint {self.folder} belongs to another run (it differs in "
                                f"{', '.join(differs[:5])}); resume with the same config, or choose another --out")
+        trained, here = saved.get("precision"), self.fingerprint["precision"]
+        if trained and here and trained != here:  # checkpoints before the field: unknown, not refused
+            by_machine = ": auto depends on the machine" if self.config.model.dtype == "auto" else ""
+            raise PeftlabError(
+                f"checkpoint {self.folder} was trained on a {trained} base, and this run's base computes in {here} "
+                f"(model.dtype={self.config.model.dtype}{by_machine}); finishing it here would mix two precisions "
+                f"in one run. Resume it where the base computes in {trained}, or drop --resume and add --overwrite "
+                "to train from the start (the old run is moved aside)")
         self.loaded, self._tensors = state, tensors
         if self.state is not None:
             self.state.load_state_dict(state["extra"], {k[len("extra/"):]: v for k, v in tensors.items()
@@ -153,6 +164,15 @@ class Checkpoints:
     def remove(self) -> None:
         """Delete the checkpoint once the run's results are written: a finished run needs none."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def checkpoint_precision(folder: str | Path) -> str | None:
+    """The base precision a checkpoint was trained in (Checkpoints' `precision`); None where there is no
+    readable checkpoint or it predates the field."""
+    try:
+        return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))["fingerprint"].get("precision")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def finished_epochs(folder: str | Path) -> list[dict]:
