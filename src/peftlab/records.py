@@ -299,16 +299,18 @@ class ScoreJournal:
     continues where it stopped (`--resume`) instead of starting over.
 
     One JSON line per batch ({"ids": [...], "scores": [[...], ...]}) after a header line holding the
-    evaluation's fingerprint (what was scored, with which weights); each line is flushed and fsync'd. A
-    torn last line (a kill mid-write) is ignored, and a journal of another evaluation is discarded.
+    evaluation's fingerprint (what was scored, with which weights) and the base's `precision`
+    (models.loading.base_dtype: `model.dtype: auto` differs by machine); each line is flushed and fsync'd. A
+    torn last line (a kill mid-write) is ignored, and a journal of another evaluation, or of a base of another
+    precision, is discarded (one that predates the precision field is taken as it is, as checkpoints are).
     float32 scores survive the round trip through JSON exactly, so a resumed evaluation is bitwise equal.
     """
 
-    def __init__(self, path: Path, fingerprint: str, resume: bool):
-        self.path, self.fingerprint = Path(path), fingerprint
+    def __init__(self, path: Path, fingerprint: str, resume: bool, precision: str | None = None):
+        self.path, self.fingerprint, self.precision = Path(path), fingerprint, precision
         self.known: dict[str, list[float]] = self._read() if resume else {}
         if not self.known:
-            atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
+            atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint, "precision": precision}) + "\n")
 
     def _read(self) -> dict[str, list[float]]:
         try:
@@ -316,7 +318,10 @@ class ScoreJournal:
         except OSError:
             return {}
         try:
-            if not lines or json.loads(lines[0]).get("fingerprint") != self.fingerprint:
+            header = json.loads(lines[0]) if lines else {}
+            scored_in = header.get("precision")
+            if header.get("fingerprint") != self.fingerprint or (scored_in and self.precision
+                                                                  and scored_in != self.precision):
                 return {}
         except json.JSONDecodeError:
             return {}

@@ -91,14 +91,15 @@ class Run:
         """The journal of this evaluation: reused by --resume only if the same examples are scored by the
         same run with the same weights (the trainable ones, or the adapter file evaluated) on a base of the same
         precision (`model.dtype: auto` differs by machine; trainable weights are fp32 either way)."""
-        digest = hashlib.sha256(json.dumps([desc, [e.id for e in examples], identity(self.config), base_dtype(model)],
+        digest = hashlib.sha256(json.dumps([desc, [e.id for e in examples], identity(self.config)],
                                            default=str).encode("utf-8", "surrogatepass"))
         for name, p in model.named_parameters():
             if p.requires_grad:
                 digest.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
         if self.config.adapter:
             digest.update(sha256_file(Path(self.config.adapter) / ADAPTER_FILE).encode())
-        return ScoreJournal(self.folder.journal_file(desc), digest.hexdigest(), resume=self.config.train.resume)
+        return ScoreJournal(self.folder.journal_file(desc), digest.hexdigest(), resume=self.config.train.resume,
+                            precision=base_dtype(model))
 
     def finish(self, metrics: dict, predictions: list[dict]) -> dict:
         """Write predictions and metrics (rank 0), and return the metrics with the run folder in them."""

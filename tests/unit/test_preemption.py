@@ -3,6 +3,7 @@ run marked interrupted; --resume then ends as the unbroken run (issue 14)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,7 +159,17 @@ def test_a_journal_scored_on_a_base_of_another_precision_is_not_reused(tiny_mode
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
     with pytest.raises(Killed):
         run_eval(build_config(values))
+    # A journal from before the precision field (its header without it) is taken as it is, as before.
+    [journal] = (tmp_path / "run").glob("scores-*.partial.jsonl")
+    header, *batches = journal.read_text().splitlines()
+    assert json.loads(header)["precision"] == "float32"
+    shutil.copytree(tmp_path / "run", tmp_path / "old")
+    (tmp_path / "old" / journal.name).write_text("\n".join(
+        [json.dumps({"fingerprint": json.loads(header)["fingerprint"]}), *batches]) + "\n")
     calls.update(n=0, die_at=-1)
+    run_eval(build_config(values, {"train.resume": True, "out": str(tmp_path / "old")}))
+    assert calls["n"] == 12 - 3
+    calls.update(n=0)
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: True)
     resumed = run_eval(build_config(values, {"train.resume": True}))
     assert calls["n"] == 12  # every batch scored again, in bf16
