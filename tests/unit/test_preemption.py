@@ -97,27 +97,35 @@ def test_a_killed_evaluation_resumes_from_its_journal_to_the_unbroken_result(tin
     assert not journal.exists()  # a finished run keeps its scores in predictions.jsonl only
 
 
+class BatchKilled(BaseException):
+    """Stands in for SIGKILL during an evaluation: no `except Exception` handler sees it."""
+
+
+def count_scored_batches(monkeypatch, die_at: int) -> dict:
+    """Count the batches an evaluation scores (`calls["n"]`), raising BatchKilled at batch `die_at` (-1: never)."""
+    import peftlab.evaluate.scoring as scoring
+
+    real, calls = scoring.example_scores, {"n": 0, "die_at": die_at}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise BatchKilled
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "example_scores", counted)
+    return calls
+
+
 def test_a_resumed_evaluation_scores_only_the_batches_its_journal_lacks(tiny_model_dir, imdb_dir, tmp_path,
                                                                         monkeypatch):
-    import peftlab.evaluate.scoring as scoring
     from peftlab.runs import run_eval
 
     values = {"model.name": str(tiny_model_dir), "data.source": str(imdb_dir), "model.dtype": "fp32",
               "data.n_test": 24, "prompt.max_input_tokens": 32, "eval.eval_batch_size": 2}
     unbroken = run_eval(build_config(values, {"out": str(tmp_path / "unbroken")}))
-    real, calls = scoring.example_scores, {"n": 0, "die_at": 4}
-
-    class Killed(BaseException):
-        pass
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["die_at"]:
-            raise Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "example_scores", counted)
-    with pytest.raises(Killed):
+    calls = count_scored_batches(monkeypatch, die_at=4)
+    with pytest.raises(BatchKilled):
         run_eval(build_config(values, {"out": str(tmp_path / "run")}))
     calls.update(n=0, die_at=-1)
     resumed = run_eval(build_config(values, {"out": str(tmp_path / "run"), "train.resume": True}))
@@ -126,7 +134,7 @@ def test_a_resumed_evaluation_scores_only_the_batches_its_journal_lacks(tiny_mod
     assert resumed["accuracy"] == unbroken["accuracy"]
     # A journal of another evaluation (here: other examples) is not used.
     calls.update(n=0, die_at=4)
-    with pytest.raises(Killed):
+    with pytest.raises(BatchKilled):
         run_eval(build_config(values, {"out": str(tmp_path / "other")}))
     calls.update(n=0, die_at=-1)
     run_eval(build_config(values, {"out": str(tmp_path / "other"), "train.resume": True, "data.data_seed": 1}))
@@ -137,27 +145,15 @@ def test_a_journal_scored_on_a_base_of_another_precision_is_not_reused(tiny_mode
                                                                         monkeypatch):
     """`model.dtype: auto` is fp32 here and bf16 on a CPU with native bf16: a journal from the one is not
     mixed into an evaluation on the other (the config, hence the run's identity, is the same)."""
-    import peftlab.evaluate.scoring as scoring
     import peftlab.models.loading as loading
     from peftlab.runs import run_eval
 
     values = {"model.name": str(tiny_model_dir), "data.source": str(imdb_dir), "model.dtype": "auto",
               "model.device": "cpu", "data.n_test": 24, "prompt.max_input_tokens": 32, "eval.eval_batch_size": 2,
               "out": str(tmp_path / "run")}
-    real, calls = scoring.example_scores, {"n": 0, "die_at": 4}
-
-    class Killed(BaseException):
-        pass
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == calls["die_at"]:
-            raise Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "example_scores", counted)
+    calls = count_scored_batches(monkeypatch, die_at=4)
     monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: False)
-    with pytest.raises(Killed):
+    with pytest.raises(BatchKilled):
         run_eval(build_config(values))
     # A journal from before the precision field (its header without it) is taken as it is, as before.
     [journal] = (tmp_path / "run").glob("scores-*.partial.jsonl")
