@@ -201,7 +201,7 @@ def run_record(config: RunConfig, encoder: PromptEncoder, model) -> dict:
     return {"config": config.to_dict(), "prompt": encoder.record(), "seed": config.train.seed,
             "data_seed": config.data.data_seed, "model": {"name": config.model.name,
             "source": resolve_model_source(config.model.name).describe(),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device)},
+            "dtype": base_dtype(model), "device": str(device)},
             "trainable_parameters": trainable, "total_parameters": total, "versions": versions(),
             "hardware": hardware(), "git_commit": git_commit()}
 
