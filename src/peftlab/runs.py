@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -42,7 +43,7 @@ from peftlab.models.methods import detach_method, enable_gradient_checkpointing,
 from peftlab.prompts import PromptEncoder, build_prompt_encoder
 from peftlab.records import ADAPTER_FILE, RunFolder, ScoreJournal, read_adapter_record, sha256_file
 from peftlab.repro import git_commit, hardware, peak_memory_mb, set_seed, versions
-from peftlab.train.checkpoint import Checkpoints, load_trainable
+from peftlab.train.checkpoint import Checkpoints, Position, load_trainable
 from peftlab.train.loop import EpochRecord, Objective, fit
 from peftlab.train.preemption import Preempted, StopRequest, stop_requests
 from peftlab.train.selection import BestEpoch, selected_on_val
@@ -260,7 +261,8 @@ def run_train(config: RunConfig, model=None, tokenizer=None, progress: bool | No
     load_s = time.perf_counter() - run.start
     objective = training_objective(run, peft_model)
     if run.progress:
-        print(plan_line(run, peft_model, objective), file=sys.stderr, flush=True)
+        position = Position(**checkpoints.loaded["position"]) if resumed else None
+        print(plan_line(run, peft_model, objective, position), file=sys.stderr, flush=True)
     try:
         with resource_errors("training", memory_fix(config, training=True)), stop_requests() as stop:
             run.stop = stop
@@ -345,21 +347,32 @@ def training_objective(run: Run, peft_model) -> Objective:
                      pad_id=run.tokenizer.pad_token_id, loss=run.config.train.loss)
 
 
-def plan_line(run: Run, peft_model, objective: Objective) -> str:
-    """What the run will do and about how long it takes here (experiments.estimate.run_plan)."""
+def plan_line(run: Run, peft_model, objective: Objective, position: Position | None = None) -> str:
+    """What the run will do and about how long it takes here (experiments.estimate.run_plan); for a run resumed
+    from `position`, only what is left of it (a cell resumed late in its second epoch is minutes, not hours)."""
     from peftlab.experiments.estimate import run_plan, scored_examples
 
+    cfg = run.config.train
     offset = position_offset(peft_model)
     tokens = [sum(len(row.seq) + offset for row in rows) for rows in objective.rows]
     mean = sum(tokens) / max(len(tokens), 1)
-    scored = scored_examples(run.config, len(run.task.test), trains=True, n_val=len(run.task.val))
-    test = (f"{len(run.task.test)} test" if run.config.train.score_test
+    epochs_left, evaluated, resumed = float(cfg.epochs), 0, ""
+    if position is not None:
+        batches = math.ceil(len(tokens) / cfg.batch_size)
+        done = min(position.epoch - 1 + position.batch / max(batches, 1), cfg.epochs)
+        epochs_left, evaluated = cfg.epochs - done, len(position.history)
+        at = (f"epoch {position.epoch}, batch {position.batch}/{batches}" if position.epoch <= cfg.epochs
+              else "training done")
+        resumed = f"resumed at {at}, "
+    scored = scored_examples(run.config, len(run.task.test), trains=True, n_val=len(run.task.val),
+                             evaluated_epochs=evaluated)
+    test = (f"{len(run.task.test)} test" if cfg.score_test
             else f"test not scored ({len(run.task.test)} drawn)")  # a tune trial, a learning-rate search cell
-    examples = (f"{len(run.task.train)} training examples x {run.config.train.epochs} epochs, "
-                f"{len(run.task.val)} validation, {test} (epoch chosen: {run.config.train.select_on})")
-    return run_plan(peft_model, sum(tokens) * run.config.train.epochs, round(scored * mean), examples,
-                    tokens_per_row=round(mean), batch_size=run.config.train.batch_size,
-                    gradient_checkpointing=run.config.train.gradient_checkpointing)
+    examples = (f"{resumed}{len(run.task.train)} training examples x {cfg.epochs} epochs, "
+                f"{len(run.task.val)} validation, {test} (epoch chosen: {cfg.select_on})")
+    return run_plan(peft_model, round(sum(tokens) * epochs_left), round(scored * mean), examples,
+                    tokens_per_row=round(mean), batch_size=cfg.batch_size,
+                    gradient_checkpointing=cfg.gradient_checkpointing, left=position is not None)
 
 
 def epoch_evaluator(run: Run, peft_model, best: BestEpoch, params: dict, on_epoch) -> Callable[[EpochRecord], dict]:

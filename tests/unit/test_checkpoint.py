@@ -97,6 +97,36 @@ def test_a_killed_and_resumed_run_equals_the_unbroken_run(variant, kill_batch, r
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("kill_batch, done_epochs", [(5, 3 / 8), (14, 1 + 4 / 8)])
+def test_a_resumed_runs_plan_counts_only_what_is_left(kill_batch, done_epochs, tiny_model_dir, imdb_dir, tmp_path,
+                                                      monkeypatch):
+    import peftlab.experiments.estimate as estimate
+
+    plans = []
+
+    def run_plan(model, train_tokens, scored_tokens, examples, **kwargs):
+        plans.append((train_tokens, scored_tokens, examples))
+        return "plan: recorded"
+
+    monkeypatch.setattr(estimate, "run_plan", run_plan)
+    values = layer(tiny_model_dir, imdb_dir, tmp_path / "run")
+    with monkeypatch.context() as m:
+        kill_at_batch(m, kill_batch)
+        with pytest.raises(Killed):
+            run_train(build_config(values), progress=True)
+    metrics = run_train(build_config(values, {"train.resume": True}), progress=True)
+    (full_train, full_scored, _), (left_train, left_scored, examples) = plans
+    # The training loop's own count of the tokens it trained on, over both epochs.
+    assert full_train == metrics["train_tokens"]
+    assert left_train == round(metrics["train_tokens"] / 2 * (2 - done_epochs))
+    epoch, batch = metrics["resumed_from"]["epoch"], metrics["resumed_from"]["batch"]
+    assert examples.startswith(f"resumed at epoch {epoch}, batch {batch}/8, ")
+    # select_on=test scores the validation split and the test subset after each epoch: an epoch already
+    # evaluated (epoch 1, when killed in epoch 2) is not counted again.
+    evaluated = int(done_epochs)
+    assert abs(left_scored - full_scored * (2 - evaluated) / 2) <= 1
+
+
 def test_a_kill_while_writing_the_results_resumes_to_the_same_results(unbroken, tiny_model_dir, imdb_dir, tmp_path,
                                                                      monkeypatch):
     values = layer(tiny_model_dir, imdb_dir, tmp_path / "run")

@@ -106,12 +106,13 @@ def split_sizes(config) -> tuple[int, int]:
         return IMDB_SPLIT, IMDB_SPLIT
 
 
-def scored_examples(cfg, n_test: int, trains: bool, n_val: int | None = None) -> int:
+def scored_examples(cfg, n_test: int, trains: bool, n_val: int | None = None, evaluated_epochs: int = 0) -> int:
     """Examples a run scores: the validation split (n_val, default data.n_val) after every epoch, and the test
-    subset after every epoch (train.select_on=test) or once (val, last; none with train.score_test=false)."""
+    subset after every epoch (train.select_on=test) or once (val, last; none with train.score_test=false).
+    `evaluated_epochs`: epochs a resumed run has already evaluated, whose passes are not counted again."""
     if not trains:
         return n_test
-    epochs = cfg.train.epochs
+    epochs = cfg.train.epochs - evaluated_epochs
     test_passes = epochs if cfg.train.select_on == "test" else int(cfg.train.score_test)
     return (cfg.data.n_val or 0 if n_val is None else n_val) * epochs + n_test * test_passes
 
@@ -237,11 +238,12 @@ def probe_speeds(model, tokens: int, batch_size: int = 1) -> tuple[float, float]
 
 
 def run_plan(model, train_tokens: int, scored_tokens: int, examples: str, tokens_per_row: int = PROBE_TOKENS,
-             batch_size: int = 1, gradient_checkpointing: bool = False) -> str:
+             batch_size: int = 1, gradient_checkpointing: bool = False, left: bool = False) -> str:
     """One line before a run starts: what it will process and about how long that takes on this machine.
     The line only informs: a probe that fails (an architecture it does not know how to call) leaves the time
     out and says why, and the run goes on."""
-    head = f"plan: {examples}; {_tokens(train_tokens)} training + {_tokens(scored_tokens)} scored tokens"
+    head = (f"plan: {examples}; {_tokens(train_tokens)} training + {_tokens(scored_tokens)} scored tokens"
+            f"{' left' if left else ''}")
     try:
         eval_speed, train_speed = probe_speeds(model, tokens_per_row, batch_size)
     except Exception as exc:  # noqa: BLE001 - see the docstring
